@@ -1,0 +1,130 @@
+"""MoE layer fwd+bwd on CPU: modalmoe vs DeepSpeed-MoE vs the ideal, measured side by side.
+
+The ideal is one dense MLP of the experts' shape over the T·k routed rows: the expert matmuls with
+no routing, no permutation and no imbalance. modalmoe runs dropless; DeepSpeed-MoE runs its
+capacity-factor path (1.25), which drops tokens. Ratios are time / ideal time, median of repeats,
+the three timed in interleaved rounds so that machine noise hits them alike.
+
+    python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from modalmoe import ops
+from modalmoe.runtime.moe import MoEConfig, MoELayer
+
+
+def _mlp(H: int, F: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(H, F, bias=False), nn.GELU(approximate="tanh"), nn.Linear(F, H, bias=False))
+
+
+def _deepspeed_moe(H: int, F: int, E: int, k: int):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    return MoE(H, _mlp(H, F), num_experts=E, ep_size=1, k=k, capacity_factor=1.25, eval_capacity_factor=1.25,
+               min_capacity=4, drop_tokens=True, use_rts=False)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: bool) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(T, H)
+    modality = torch.randint(0, 2, (T,))
+    ours = MoELayer(MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, activation="gelu"))
+    ideal = _mlp(H, F)
+    rows = torch.randn(T * k, H)
+    g_rows = torch.randn(T * k, H)
+    g = torch.randn(T, H)
+
+    def run_ours():
+        xi = x.clone().requires_grad_(True)
+        y, aux = ours(xi, modality)
+        (torch.autograd.backward([y, aux.loss], [g, torch.ones(())]))
+        ours.zero_grad(set_to_none=True)
+
+    def run_ideal():
+        ri = rows.clone().requires_grad_(True)
+        ideal(ri).backward(g_rows)
+        ideal.zero_grad(set_to_none=True)
+
+    fns = {"ideal": run_ideal, "modalmoe": run_ours}
+    if with_deepspeed:
+        ds = _deepspeed_moe(H, F, E, k)
+
+        def run_ds():
+            xi = x.clone().view(1, T, H).requires_grad_(True)
+            y, l_aux, _ = ds(xi)
+            torch.autograd.backward([y, l_aux], [g.view(1, T, H), torch.ones(())])
+            ds.zero_grad(set_to_none=True)
+
+        fns["deepspeed"] = run_ds
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bench_permute(T: int, H: int, E: int, k: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(T, H)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    rows = x.repeat_interleave(k, 0)
+    ops.permute(x, idx, E)
+    fns = {"clone": lambda: rows.clone(), "permute": lambda: ops.permute(x, idx, E)}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-deepspeed", action="store_true")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, extension: {ops.HAS_EXTENSION}")
+    print(f"T={a.tokens} H={a.hidden} F={a.ffn} top-{a.top_k}, fwd+bwd, median of {a.repeats}")
+    for E in a.experts:
+        t = bench(a.tokens, a.hidden, a.ffn, E, a.top_k, a.repeats, not a.no_deepspeed)
+        line = f"E={E:3d}: ideal {t['ideal'] * 1e3:7.1f} ms | modalmoe {t['modalmoe'] * 1e3:7.1f} ms = {t['modalmoe'] / t['ideal']:.2f}x ideal"
+        if "deepspeed" in t:
+            line += f" | deepspeed (cf 1.25) {t['deepspeed'] * 1e3:7.1f} ms = {t['deepspeed'] / t['ideal']:.2f}x ideal"
+            line += f" | deepspeed / modalmoe = {t['deepspeed'] / t['modalmoe']:.2f}"
+        print(line, flush=True)
+        p = bench_permute(a.tokens, a.hidden, E, a.top_k, max(a.repeats, 10))
+        print(f"       permute {p['permute'] * 1e3:6.2f} ms vs clone of the same rows {p['clone'] * 1e3:6.2f} ms: "
+              f"{p['clone'] / p['permute']:.2f} of clone bandwidth", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""CPU throughput of modalmoe.ops.permute / unpermute against a plain copy of the same bytes.
+
+permute writes T*k rows of H, so ``clone()`` of a [T*k, H] tensor is the bandwidth ceiling:
+``clone / permute`` near 1 means the op runs at memory speed (target >= 0.9). The pure-PyTorch
+index_select / index_add path (the ops' reference) is timed beside it. All timings are medians over
+repeats, after warmup, taken in one run so they share the machine's state.
+
+Legend: T tokens, k slots per token, E experts, H hidden, R = T*k permuted rows.
+
+Run: ``python benchmarks/bench_permute.py [--tokens 16384 --top-k 2 --hidden 256 --experts 16 64]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from modalmoe import ops
+
+__all__ = ["main", "median_ms"]
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x_TH = torch.randn(T, H, generator=gen)
+    topk_idx_Tk = torch.rand(T, E, generator=gen).topk(k, dim=1).indices
+    topk_w_Tk = torch.rand(T, k, generator=gen)
+    rows_RH = torch.randn(T * k, H, generator=gen)
+
+    x_perm_RH, plan = ops.permute(x_TH, topk_idx_Tk, E)
+    _, ref_plan = ops.permute_reference(x_TH, topk_idx_Tk, E)
+    src_tok_R = plan.src_slot // k
+    row_of_S = plan.row_of.reshape(-1)
+    slot_tok_S = torch.arange(T * k) // k
+    w_S1 = topk_w_Tk.reshape(-1, 1)
+
+    def index_add_combine() -> torch.Tensor:
+        contrib_SH = x_perm_RH.index_select(0, row_of_S) * w_S1
+        return x_TH.new_zeros(T, H).index_add_(0, slot_tok_S, contrib_SH)
+
+    timings = {
+        "clone [T*k, H]": lambda: rows_RH.clone(),
+        "permute (plan + gather)": lambda: ops.permute(x_TH, topk_idx_Tk, E),
+        "  build_plan only": lambda: torch.ops.modalmoe.build_plan(topk_idx_Tk, E, 1, -1),
+        "  gather only": lambda: torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None),
+        "unpermute (weighted)": lambda: ops.unpermute(x_perm_RH, plan, topk_w_Tk),
+        "ref permute (argsort plan + index_select)": lambda: ops.permute_reference(x_TH, topk_idx_Tk, E),
+        "ref gather only (index_select)": lambda: x_TH.index_select(0, src_tok_R),
+        "ref unpermute (index_select + index_add)": lambda: ops.unpermute_reference(x_perm_RH, ref_plan, topk_w_Tk),
+        "torch index_select*w + index_add_": index_add_combine,
+    }
+    ms = {name: median_ms(fn, warmup=warmup, repeats=repeats) for name, fn in timings.items()}
+    clone = ms["clone [T*k, H]"]
+    mib = T * k * H * x_TH.element_size() / 2**20
+    print(f"\nT={T} k={k} H={H} E={E} float32, {torch.get_num_threads()} threads, {mib:.0f} MiB of rows")
+    for name, t in ms.items():
+        print(f"  {name:<44s} {t:8.3f} ms   clone/this = {clone / t:5.2f}")
+    print(f"  => permute bandwidth fraction {clone / ms['permute (plan + gather)']:.2f}, "
+          f"unpermute {clone / ms['unpermute (weighted)']:.2f}; speedup vs reference: permute "
+          f"{ms['ref permute (argsort plan + index_select)'] / ms['permute (plan + gather)']:.1f}x, unpermute "
+          f"{ms['ref unpermute (index_select + index_add)'] / ms['unpermute (weighted)']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    if not ops.HAS_EXTENSION:
+        raise SystemExit("modalmoe._C is not built; nothing to benchmark (see the warning above)")
+    for E in args.experts:
+        bench_case(args.tokens, args.top_k, args.hidden, E, warmup=args.warmup, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()

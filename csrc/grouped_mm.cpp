@@ -1,0 +1,72 @@
+// Grouped matmul for expert MLPs: one mm per expert written straight into a preallocated output,
+// so neither per-expert weight slices nor cat/split copies show up (in forward or backward).
+// Legend: R rows grouped by expert, K in-features, N out-features, E experts.
+#include "permute.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+namespace modalmoe {
+namespace {
+
+void check_offsets(c10::IntArrayRef offsets, int64_t E, int64_t R) {
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == E + 1, "modalmoe.grouped_mm: expected ", E + 1,
+              " offsets, got ", offsets.size());
+  TORCH_CHECK(offsets[0] == 0 && offsets[E] == R, "modalmoe.grouped_mm: offsets must run from 0 to ",
+              R, ", got ", offsets[0], "..", offsets[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(offsets[e] <= offsets[e + 1], "modalmoe.grouped_mm: offsets must be non-decreasing");
+  }
+}
+
+}  // namespace
+
+at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntArrayRef offsets) {
+  TORCH_CHECK(x_RK.dim() == 2 && w_EKN.dim() == 3 && x_RK.size(1) == w_EKN.size(1),
+              "modalmoe.grouped_mm: expected x [R, K] and w [E, K, N], got ", x_RK.sizes(), " and ",
+              w_EKN.sizes());
+  TORCH_CHECK(x_RK.scalar_type() == w_EKN.scalar_type() && x_RK.device() == w_EKN.device(),
+              "modalmoe.grouped_mm: x and w must share dtype and device");
+  const int64_t E = w_EKN.size(0), R = x_RK.size(0);
+  check_offsets(offsets, E, R);
+  at::Tensor out_RN = at::empty({R, w_EKN.size(2)}, x_RK.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    at::Tensor out_e = out_RN.narrow(0, offsets[e], n);
+    at::mm_out(out_e, x_RK.narrow(0, offsets[e], n), w_EKN.select(0, e));
+  }
+  return out_RN;
+}
+
+at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad_RN,
+                                  c10::IntArrayRef offsets) {
+  TORCH_CHECK(x_RK.dim() == 2 && grad_RN.dim() == 2 && x_RK.size(0) == grad_RN.size(0),
+              "modalmoe.grouped_mm_weight_grad: expected x [R, K] and grad [R, N], got ",
+              x_RK.sizes(), " and ", grad_RN.sizes());
+  TORCH_CHECK(x_RK.scalar_type() == grad_RN.scalar_type() && x_RK.device() == grad_RN.device(),
+              "modalmoe.grouped_mm_weight_grad: x and grad must share dtype and device");
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1, R = x_RK.size(0);
+  TORCH_CHECK(E >= 1, "modalmoe.grouped_mm_weight_grad: need at least one group");
+  check_offsets(offsets, E, R);
+  at::Tensor dw_EKN = at::empty({E, x_RK.size(1), grad_RN.size(1)}, x_RK.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    at::Tensor dw_e = dw_EKN.select(0, e);
+    if (n == 0) {
+      dw_e.zero_();
+      continue;
+    }
+    at::mm_out(dw_e, x_RK.narrow(0, offsets[e], n).t(), grad_RN.narrow(0, offsets[e], n));
+  }
+  return dw_EKN;
+}
+
+// Composite over at::mm, so the same kernel serves CPU and CUDA tensors.
+TORCH_LIBRARY_IMPL(modalmoe, CompositeExplicitAutograd, m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad);
+}
+
+}  // namespace modalmoe

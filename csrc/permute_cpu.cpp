@@ -1,0 +1,322 @@
+// CPU kernels for token permutation (OpenMP). Legend in permute.h: T tokens, k slots per token,
+// S = T*k, E experts, H hidden, R permuted rows. A slot s = t*k + j; row_of/src_slot are inverse maps.
+#include "permute.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace modalmoe {
+namespace {
+
+// Enough work per thread that fork/join (~µs) stays negligible.
+constexpr int64_t kSlotsPerThread = 16384;
+constexpr int64_t kElemsPerThread = 65536;
+
+int threads_for(int64_t work, int64_t per_thread) {
+  if (omp_in_parallel()) return 1;
+  const int64_t wanted = std::max<int64_t>(1, work / per_thread);
+  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), wanted));
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "modalmoe: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_plan_maps(const at::Tensor& row_of_Tk, const at::Tensor& src_slot_R) {
+  TORCH_CHECK(row_of_Tk.dim() == 2 && row_of_Tk.scalar_type() == at::kLong,
+              "modalmoe: row_of must be int64 [T, k], got ", row_of_Tk.scalar_type(), " ",
+              row_of_Tk.sizes());
+  TORCH_CHECK(src_slot_R.dim() == 1 && src_slot_R.scalar_type() == at::kLong,
+              "modalmoe: src_slot must be int64 [R], got ", src_slot_R.scalar_type(), " ",
+              src_slot_R.sizes());
+}
+
+// Weights are read in the accumulation type so kernels need one weight pointer type per dtype.
+at::Tensor weights_as(const std::optional<at::Tensor>& weights_Tk, const at::Tensor& row_of_Tk,
+                      at::ScalarType acc_dtype) {
+  if (!weights_Tk.has_value()) return at::Tensor();
+  const auto& w = *weights_Tk;
+  TORCH_CHECK(w.sizes() == row_of_Tk.sizes(), "modalmoe: weights must be [T, k] = ",
+              row_of_Tk.sizes(), ", got ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), "modalmoe: weights must be floating point");
+  check_cpu(w, "weights");
+  return w.to(acc_dtype).contiguous();
+}
+
+template <typename idx_t>
+void plan_kernel(const idx_t* idx_S, int64_t T, int64_t k, int64_t E, int64_t pad, int64_t cap,
+                 int64_t* counts_E, int64_t* padded_E, int64_t* offsets_E1, int64_t* row_of_S,
+                 bool* dropped_S, at::Tensor& src_slot_R) {
+  const int64_t S = T * k;
+  const int P = threads_for(S, kSlotsPerThread);
+  auto chunk_lo = [&](int p) { return (T * p / P) * k; };
+
+  // cursor[p*E + e]: histogram of chunk p, then the rank of its first expert-e slot.
+  std::vector<int64_t> cursor(static_cast<size_t>(P) * E, 0);
+  int bad = 0;
+#pragma omp parallel for num_threads(P) schedule(static, 1) reduction(| : bad)
+  for (int p = 0; p < P; ++p) {
+    int64_t* hist = cursor.data() + static_cast<int64_t>(p) * E;
+    const int64_t hi = chunk_lo(p + 1);
+    for (int64_t s = chunk_lo(p); s < hi; ++s) {
+      const int64_t e = idx_S[s];
+      if (e >= 0 && e < E) {
+        ++hist[e];
+      } else if (e != -1) {
+        bad = 1;
+      }
+    }
+  }
+  TORCH_CHECK(!bad, "modalmoe.permute: topk_idx entries must be -1 or in [0, ", E, ")");
+
+  offsets_E1[0] = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t seen = 0;
+    for (int p = 0; p < P; ++p) {
+      int64_t& c = cursor[static_cast<int64_t>(p) * E + e];
+      const int64_t n = c;
+      c = seen;
+      seen += n;
+    }
+    const int64_t kept = cap < 0 ? seen : std::min(seen, cap);
+    counts_E[e] = kept;
+    padded_E[e] = (kept + pad - 1) / pad * pad;
+    offsets_E1[e + 1] = offsets_E1[e] + padded_E[e];
+  }
+
+  src_slot_R = at::empty({offsets_E1[E]}, src_slot_R.options());
+  int64_t* src_slot = src_slot_R.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    std::fill(src_slot + offsets_E1[e] + counts_E[e], src_slot + offsets_E1[e + 1], int64_t{-1});
+  }
+
+  const int64_t limit = cap < 0 ? INT64_MAX : cap;
+#pragma omp parallel for num_threads(P) schedule(static, 1)
+  for (int p = 0; p < P; ++p) {
+    int64_t* rank = cursor.data() + static_cast<int64_t>(p) * E;
+    const int64_t hi = chunk_lo(p + 1);
+    for (int64_t s = chunk_lo(p); s < hi; ++s) {
+      const int64_t e = idx_S[s];
+      if (e < 0) {
+        row_of_S[s] = -1;
+        dropped_S[s] = false;
+        continue;
+      }
+      const int64_t r = rank[e]++;
+      const bool keep = r < limit;
+      const int64_t row = offsets_E1[e] + r;
+      row_of_S[s] = keep ? row : -1;
+      dropped_S[s] = !keep;
+      if (keep) src_slot[row] = s;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void gather_kernel(const scalar_t* x_TH, const int64_t* src_slot_R, const acc_t* w_S, scalar_t* out_RH,
+                   int64_t R, int64_t H, int64_t S, int64_t k) {
+  int bad = 0;
+  const size_t row_bytes = sizeof(scalar_t) * H;
+#pragma omp parallel for num_threads(threads_for(R * H, kElemsPerThread)) schedule(static) reduction(| : bad)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = src_slot_R[r];
+    scalar_t* __restrict dst = out_RH + r * H;
+    if (s < 0 || s >= S) {
+      bad |= s < -1 || s >= S;
+      std::memset(static_cast<void*>(dst), 0, row_bytes);
+      continue;
+    }
+    const scalar_t* __restrict src = x_TH + (s / k) * H;
+    if (w_S == nullptr) {
+      std::memcpy(static_cast<void*>(dst), src, row_bytes);
+    } else {
+      const acc_t ws = w_S[s];
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(ws * static_cast<acc_t>(src[h]));
+    }
+  }
+  TORCH_CHECK(!bad, "modalmoe.gather_rows: src_slot entries must be -1 or in [0, T*k)");
+}
+
+// Sums slot rows in slot order (deterministic); accumulates in acc_t, directly in out when equal.
+template <typename scalar_t, typename acc_t>
+void combine_kernel(const scalar_t* y_RH, const int64_t* row_of_S, const acc_t* w_S, scalar_t* out_TH,
+                    int64_t T, int64_t k, int64_t H, int64_t R) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  int bad = 0;
+#pragma omp parallel num_threads(threads_for(T * k * H, kElemsPerThread)) reduction(| : bad)
+  {
+    std::vector<acc_t> buf(kDirect ? 0 : H);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      acc_t* __restrict acc;
+      if constexpr (kDirect) {
+        acc = out_TH + t * H;
+      } else {
+        acc = buf.data();
+      }
+      int64_t used = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = row_of_S[t * k + j];
+        if (r < 0 || r >= R) {
+          bad |= r < -1 || r >= R;
+          continue;
+        }
+        const scalar_t* __restrict y = y_RH + r * H;
+        const acc_t wj = w_S == nullptr ? acc_t(1) : w_S[t * k + j];
+        if (used++ == 0) {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) acc[h] = wj * static_cast<acc_t>(y[h]);
+        } else {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(y[h]);
+        }
+      }
+      if (used == 0) std::fill(acc, acc + H, acc_t(0));
+      if constexpr (!kDirect) {
+        scalar_t* __restrict o = out_TH + t * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
+      }
+    }
+  }
+  TORCH_CHECK(!bad, "modalmoe.combine_rows: row_of entries must be -1 or in [0, R)");
+}
+
+template <typename scalar_t, typename acc_t>
+void slot_dot_kernel(const scalar_t* a_TH, const scalar_t* b_RH, const int64_t* row_of_S, acc_t* out_S,
+                     int64_t T, int64_t k, int64_t H, int64_t R) {
+  int bad = 0;
+#pragma omp parallel for num_threads(threads_for(T * k * H, kElemsPerThread)) schedule(static) reduction(| : bad)
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* __restrict a = a_TH + t * H;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = row_of_S[t * k + j];
+      acc_t dot = 0;
+      if (r >= 0 && r < R) {
+        const scalar_t* __restrict b = b_RH + r * H;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t h = 0; h < H; ++h) dot += static_cast<acc_t>(a[h]) * static_cast<acc_t>(b[h]);
+      } else {
+        bad |= r < -1 || r >= R;
+      }
+      out_S[t * k + j] = dot;
+    }
+  }
+  TORCH_CHECK(!bad, "modalmoe.slot_dot: row_of entries must be -1 or in [0, R)");
+}
+
+void check_values(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "modalmoe: ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kBFloat16,
+              "modalmoe: ", name, " must be float32, float64 or bfloat16, got ", t.scalar_type());
+  check_cpu(t, name);
+}
+
+}  // namespace
+
+Plan build_plan_cpu(const at::Tensor& topk_idx_Tk, int64_t num_experts, int64_t pad_multiple,
+                    int64_t capacity) {
+  TORCH_CHECK(topk_idx_Tk.dim() == 2, "modalmoe.permute: topk_idx must be [T, k], got ",
+              topk_idx_Tk.sizes());
+  TORCH_CHECK(topk_idx_Tk.scalar_type() == at::kInt || topk_idx_Tk.scalar_type() == at::kLong,
+              "modalmoe.permute: topk_idx must be int32 or int64, got ", topk_idx_Tk.scalar_type());
+  TORCH_CHECK(num_experts > 0, "modalmoe.permute: num_experts must be positive");
+  TORCH_CHECK(pad_multiple >= 1, "modalmoe.permute: pad_multiple must be >= 1");
+  check_cpu(topk_idx_Tk, "topk_idx");
+  const at::Tensor idx = topk_idx_Tk.contiguous();
+  const int64_t T = idx.size(0), k = idx.size(1), E = num_experts;
+  const auto i64 = idx.options().dtype(at::kLong);
+  at::Tensor counts = at::empty({E}, i64), padded = at::empty({E}, i64);
+  at::Tensor offsets = at::empty({E + 1}, i64), row_of = at::empty({T, k}, i64);
+  at::Tensor dropped = at::empty({T, k}, i64.dtype(at::kBool));
+  at::Tensor src_slot = at::empty({0}, i64);
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "modalmoe_build_plan", [&] {
+    plan_kernel<index_t>(idx.const_data_ptr<index_t>(), T, k, E, pad_multiple, capacity,
+                         counts.data_ptr<int64_t>(), padded.data_ptr<int64_t>(),
+                         offsets.data_ptr<int64_t>(), row_of.data_ptr<int64_t>(),
+                         dropped.data_ptr<bool>(), src_slot);
+  });
+  return {counts, padded, offsets, row_of, src_slot, dropped};
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x_TH, const at::Tensor& src_slot_R,
+                           const at::Tensor& row_of_Tk, const std::optional<at::Tensor>& weights_Tk) {
+  check_values(x_TH, "x");
+  check_plan_maps(row_of_Tk, src_slot_R);
+  TORCH_CHECK(x_TH.size(0) == row_of_Tk.size(0), "modalmoe.gather_rows: x has ", x_TH.size(0),
+              " tokens but row_of has ", row_of_Tk.size(0));
+  const at::Tensor x = x_TH.contiguous(), src_slot = src_slot_R.contiguous();
+  const int64_t R = src_slot.size(0), H = x.size(1), k = row_of_Tk.size(1);
+  at::Tensor out = at::empty({R, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "modalmoe_gather_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor w = weights_as(weights_Tk, row_of_Tk, c10::CppTypeToScalarType<acc_t>::value);
+    gather_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), src_slot.const_data_ptr<int64_t>(),
+                                   w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                                   out.data_ptr<scalar_t>(), R, H, row_of_Tk.numel(), k);
+  });
+  return out;
+}
+
+at::Tensor combine_rows_cpu(const at::Tensor& y_RH, const at::Tensor& row_of_Tk,
+                            const at::Tensor& src_slot_R, const std::optional<at::Tensor>& weights_Tk) {
+  check_values(y_RH, "y_perm");
+  check_plan_maps(row_of_Tk, src_slot_R);
+  TORCH_CHECK(y_RH.size(0) == src_slot_R.size(0), "modalmoe.combine_rows: y_perm has ", y_RH.size(0),
+              " rows but the plan has ", src_slot_R.size(0));
+  const at::Tensor y = y_RH.contiguous(), row_of = row_of_Tk.contiguous();
+  const int64_t T = row_of.size(0), k = row_of.size(1), H = y.size(1), R = y.size(0);
+  at::Tensor out = at::empty({T, H}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "modalmoe_combine_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor w = weights_as(weights_Tk, row_of, c10::CppTypeToScalarType<acc_t>::value);
+    combine_kernel<scalar_t, acc_t>(y.const_data_ptr<scalar_t>(), row_of.const_data_ptr<int64_t>(),
+                                    w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                                    out.data_ptr<scalar_t>(), T, k, H, R);
+  });
+  return out;
+}
+
+at::Tensor slot_dot_cpu(const at::Tensor& tokens_TH, const at::Tensor& rows_RH,
+                        const at::Tensor& row_of_Tk, c10::ScalarType dtype) {
+  check_values(tokens_TH, "tokens");
+  check_values(rows_RH, "rows");
+  TORCH_CHECK(row_of_Tk.dim() == 2 && row_of_Tk.scalar_type() == at::kLong,
+              "modalmoe.slot_dot: row_of must be int64 [T, k]");
+  TORCH_CHECK(tokens_TH.scalar_type() == rows_RH.scalar_type(),
+              "modalmoe.slot_dot: tokens and rows must share a dtype");
+  TORCH_CHECK(tokens_TH.size(0) == row_of_Tk.size(0) && tokens_TH.size(1) == rows_RH.size(1),
+              "modalmoe.slot_dot: shape mismatch ", tokens_TH.sizes(), " ", rows_RH.sizes(), " ",
+              row_of_Tk.sizes());
+  TORCH_CHECK(at::isFloatingType(dtype), "modalmoe.slot_dot: dtype must be floating point");
+  const at::Tensor a = tokens_TH.contiguous(), b = rows_RH.contiguous(), row_of = row_of_Tk.contiguous();
+  const int64_t T = row_of.size(0), k = row_of.size(1), H = a.size(1), R = b.size(0);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "modalmoe_slot_dot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    out = at::empty({T, k}, a.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    slot_dot_kernel<scalar_t, acc_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                     row_of.const_data_ptr<int64_t>(), out.data_ptr<acc_t>(), T, k, H, R);
+  });
+  return out.to(dtype);
+}
+
+TORCH_LIBRARY_IMPL(modalmoe, CPU, m) {
+  m.impl("build_plan", &build_plan_cpu);
+  m.impl("gather_rows", &gather_rows_cpu);
+  m.impl("combine_rows", &combine_rows_cpu);
+  m.impl("slot_dot", &slot_dot_cpu);
+}
+
+}  // namespace modalmoe

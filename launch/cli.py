@@ -1,0 +1,124 @@
+"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``.
+
+Every launcher (plain python, deepspeed, srun, mpirun) ends here. Bad flags and configs stop with
+``error: ...`` naming the field and the fix, before any data is read or process group created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_job_config"]
+
+DEFAULT_DEMO_DIR = "data/demo"
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no arguments: the smoke preset on the embedded demo data)")
+    p.add_argument("--config", help="YAML config file (default: the --preset's file)")
+    p.add_argument("--preset", default="smoke", help="smoke | small | base (used when --config is not given)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set moe.top_k=1 train.steps=50 (dotted paths)")
+    p.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR,
+                   help="where the embedded demo data set lives (built there if absent) when data.train_shards is empty")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="data tools: the demo data set, tokenizers, shard conversion")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    d = dsub.add_parser("make-demo", help="write the embedded demo image-text data set as webdataset shards")
+    d.add_argument("out_dir")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-train", type=int, default=None)
+    d.add_argument("--n-eval", type=int, default=None)
+    t = dsub.add_parser("tokenizer", help="train a sentencepiece tokenizer on the captions of some shards")
+    t.add_argument("--shards", nargs="+", required=True, help="shard paths or brace patterns")
+    t.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--vocab-size", type=int, default=8000)
+    c = dsub.add_parser("convert", help="convert a folder of images + a captions CSV/JSONL into shards")
+    c.add_argument("--images", required=True, help="folder holding the image files")
+    c.add_argument("--captions", required=True, help="CSV with columns file,caption or JSONL with {file, caption}")
+    c.add_argument("--out", required=True, help="output shard pattern, e.g. shards/train-%%06d.tar")
+    c.add_argument("--samples-per-shard", type=int, default=1000)
+
+
+def _resolve_config_path(args) -> Path:
+    if args.config:
+        return Path(args.config)
+    from ..models.presets import preset_path
+
+    return preset_path(args.preset)
+
+
+def build_job_config(args, *, check_paths: bool = True):
+    """Config file + overrides (+ the demo data when no shards are named) → a validated JobConfig."""
+    from ..runtime.job_config import load_job_config
+    from ..runtime.metrics import get_logger
+
+    cfg = load_job_config(_resolve_config_path(args), args.overrides)
+    if not cfg.data.train_shards:
+        from ..runtime.data import demo_paths, make_demo
+
+        demo = Path(args.demo_dir)
+        paths = demo_paths(demo)
+        if paths is None:
+            get_logger("modalmoe.cli").info("no data.train_shards given: building the embedded demo data set in %s", demo)
+            make_demo(demo)
+            paths = demo_paths(demo)
+        else:
+            get_logger("modalmoe.cli").info("no data.train_shards given: using the embedded demo data set in %s", demo)
+        cfg.data.train_shards = paths["train"]
+        cfg.data.eval_shards = cfg.data.eval_shards or paths["eval"]
+        cfg.data.tokenizer = cfg.data.tokenizer or paths["tokenizer"]
+    return cfg.validate(check_paths=check_paths)
+
+
+def _train(args) -> int:
+    cfg = build_job_config(args)
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    from ..runtime.trainer import Trainer
+
+    summary = Trainer(cfg).fit()
+    print(json.dumps(summary["eval"], indent=1))
+    return 0
+
+
+def _data(args) -> int:
+    from ..runtime import data
+
+    if args.data_cmd == "make-demo":
+        kw = {k: v for k, v in (("n_train", args.n_train), ("n_eval", args.n_eval)) if v is not None}
+        data.make_demo(args.out_dir, seed=args.seed, **kw)
+        print(json.dumps(data.demo_paths(Path(args.out_dir)), indent=1))
+    elif args.data_cmd == "tokenizer":
+        urls = data.expand_shards(args.shards)
+        data.train_tokenizer(urls, args.out, vocab_size=args.vocab_size)
+        print(f"wrote {args.out}.model and {args.out}.vocab")
+    elif args.data_cmd == "convert":
+        data.convert_folder(args.images, args.captions, args.out, samples_per_shard=args.samples_per_shard)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modalmoe", description="multimodal MoE training runtime")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _train_parser(sub)
+    _data_parser(sub)
+    args = parser.parse_args(argv)
+    from ..runtime.config import ConfigError
+
+    try:
+        return {"train": _train, "data": _data}[args.cmd](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The whole training job's configuration: one typed tree, loaded from YAML plus ``--set`` overrides.
+
+Sections: ``model`` (models.ModelConfig, with its ``moe``), ``data`` (runtime.data.DataConfig),
+``train`` (the loop), ``parallel`` (the layout). Validation runs once, before anything is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ..models.config import ModelConfig
+from .config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from .data.config import DataConfig
+
+__all__ = ["TrainConfig", "ParallelConfig", "JobConfig", "load_job_config"]
+
+
+@dataclass
+class TrainConfig:
+    name: str = "smoke"
+    run_dir: str = ""  # default: runs/<name>
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    retrieval_size: int = 100  # images (and their captions) in the retrieval pool
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the run folder's latest checkpoint if there is one
+    progress: bool = True
+    tensorboard: bool = True
+    report: bool = True
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+    def validate(self, prefix: str = "train") -> None:
+        p = prefix
+        check(bool(self.name) and "/" not in self.name, f"{p}.name", f"must be a non-empty name without '/', got {self.name!r}")
+        check(self.steps > 0, f"{p}.steps", f"must be > 0, got {self.steps}")
+        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.warmup_steps >= 0, f"{p}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.weight_decay >= 0, f"{p}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        check(self.grad_clip >= 0, f"{p}.grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        for name in ("log_every", "eval_batches", "keep_checkpoints"):
+            check(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "threads"):
+            check(getattr(self, name) >= 0, f"{p}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.retrieval_size >= 5, f"{p}.retrieval_size", f"must be >= 5 (recall@5 needs 5 candidates), got {self.retrieval_size}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or os.path.join("runs", self.name))
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1 = whatever the world size leaves after tp and ep
+    tp: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+
+    def validate(self, prefix: str = "parallel") -> None:
+        check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")
+        check(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
+        check(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (derived), got {self.dp}")
+        check(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, check_paths: bool = True) -> "JobConfig":
+        self.model.validate()
+        self.train.validate()
+        self.parallel.validate()
+        self.data.validate(check_paths=check_paths)
+        for name in ("image_size", "patch_size", "max_text_len"):
+            m, d = getattr(self.model, name), getattr(self.data, name)
+            check(
+                m == d,
+                f"data.{name}",
+                f"is {d} but model.{name} is {m}; they must agree (set both, e.g. --set model.{name}={d} data.{name}={d})",
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(to_dict(self), sort_keys=False)
+
+
+def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """YAML file (or nothing: all defaults) + ``section.key=value`` overrides → JobConfig (not yet validated)."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(JobConfig, data)
+    except TypeError as e:  # a dataclass rejected its arguments
+        raise ConfigError(str(e)) from e

@@ -1,0 +1,59 @@
+"""Routed experts as grouped weights, and the always-on shared experts.
+
+Legend: R permuted rows (grouped by expert), H hidden, F expert FFN width, E local experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ... import ops
+
+__all__ = ["GroupedExperts", "MLP", "activate"]
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "silu":
+        return F.silu(h)
+    return F.gelu(h, approximate="tanh")
+
+
+class GroupedExperts(nn.Module):
+    """E expert MLPs stored as stacked weights and run as one grouped GEMM over expert-sorted rows."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str, init_std: float):
+        super().__init__()
+        self.activation = activation
+        up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.w1_EHF = nn.Parameter(torch.empty(num_experts, hidden_size, up))
+        self.w2_EFH = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        nn.init.normal_(self.w1_EHF, std=init_std)
+        nn.init.normal_(self.w2_EFH, std=init_std / math.sqrt(2))
+
+    def forward(self, x_RH: Tensor, counts_E: Tensor | list[int]) -> Tensor:
+        counts = counts_E.tolist() if isinstance(counts_E, Tensor) else counts_E
+        h_RF = activate(ops.grouped_mm(x_RH, self.w1_EHF.to(x_RH.dtype), counts), self.activation)
+        return ops.grouped_mm(h_RF, self.w2_EFH.to(x_RH.dtype), counts)
+
+
+class MLP(nn.Module):
+    """A dense FFN: the shared experts of DeepSeekMoE, or the FFN of a non-MoE block."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, init_std: float):
+        super().__init__()
+        self.activation = activation
+        up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.up = nn.Linear(hidden_size, up, bias=False)
+        self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=init_std / math.sqrt(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(activate(self.up(x), self.activation))

@@ -1,0 +1,74 @@
+"""MoELayer: route → dispatch → experts → combine, plus the router's auxiliary losses and stats.
+
+Legend: T tokens (flattened leading dims), H hidden, E experts, M modalities, k slots, R rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .capacity import plan_capacity
+from .config import MoEConfig
+from .dispatch import LocalDispatcher
+from .experts import MLP, GroupedExperts
+from .losses import router_losses
+from .router import build_router
+from .stats import RoutingStats, RoutingSums
+
+__all__ = ["MoELayer", "MoEAux"]
+
+
+@dataclass
+class MoEAux:
+    loss: Tensor  # Σ coef · aux term, a scalar with grad
+    stats: RoutingStats
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, dispatcher=None, num_local_experts: int | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
+        self.experts = GroupedExperts(
+            num_local_experts or cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.init_std
+        )
+        self.shared = None
+        if cfg.num_shared_experts > 0:
+            width = cfg.num_shared_experts * (cfg.shared_ffn_hidden_size or cfg.ffn_hidden_size)
+            self.shared = MLP(cfg.hidden_size, width, cfg.activation, cfg.init_std)
+
+    def forward(self, x: Tensor, modality: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        cfg = self.cfg
+        H = x.shape[-1]
+        x_TH = x.reshape(-1, H)
+        modality_T = modality.reshape(-1).long()
+        valid_T = mask.reshape(-1).bool() if mask is not None else torch.ones_like(modality_T, dtype=torch.bool)
+        if modality_T.numel() != x_TH.shape[0]:
+            raise ValueError(f"modality has {modality_T.numel()} entries for {x_TH.shape[0]} tokens; shapes must match x[..., H]")
+
+        routing = self.router(x_TH, modality_T, valid_T)
+        sums = RoutingSums.compute(routing, modality_T, valid_T, cfg.num_modalities)
+        aux_loss, terms = router_losses(cfg, routing, sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
+
+        cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
+        x_RH, plan, counts_E = self.dispatcher.dispatch(x_TH, cap.idx_Tk, cap.kernel_capacity)
+        y_RH = self.experts(x_RH, counts_E)
+        y_TH = self.dispatcher.combine(y_RH, plan, routing.weights_Tk)
+        if self.shared is not None:
+            y_TH = y_TH + self.shared(x_TH)
+
+        kept_idx_Tk = cap.idx_Tk.masked_fill(plan.dropped, -1)
+        kept = kept_idx_Tk >= 0
+        E = cfg.num_experts
+        kept_ME = torch.bincount(
+            (modality_T[:, None] * E + kept_idx_Tk.clamp_min(0))[kept], minlength=cfg.num_modalities * E
+        ).view(cfg.num_modalities, E)
+        if self.training and cfg.bias_update_rate > 0:
+            self.router.update_bias(sums.load_ME.sum(0))
+        stats = RoutingStats.from_sums(sums, kept_ME, terms)
+        return y_TH.view(x.shape), MoEAux(loss=aux_loss, stats=stats)

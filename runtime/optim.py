@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule for the single-process and DeepSpeed paths alike."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "build_optimizer", "lr_lambda"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms, biases, embeddings' modality/position tables and gates' biases alone."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=1e-8)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warmup, then cosine decay to ``min_ratio`` of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
