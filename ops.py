@@ -51,7 +51,7 @@ def _load_extension() -> bool:
         f"modalmoe.ops: the compiled extension modalmoe._C is unavailable ({reason}); falling back to "
         "the slow pure-PyTorch reference kernels. Rebuild with `pip install --no-build-isolation -e .`."
     )
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
     logger.warning(message)
     return False
 
@@ -59,7 +59,7 @@ def _load_extension() -> bool:
 HAS_EXTENSION: bool = _load_extension()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PermutePlan:
     """Where every routed slot went, so unpermute and the backward passes can invert permute."""
 

@@ -30,6 +30,7 @@ PACKAGE_DIRS = {
     "modalmoe.runtime": "runtime",
     "modalmoe.runtime.moe": "runtime/moe",
     "modalmoe.runtime.data": "runtime/data",
+    "modalmoe.runtime.tensor_parallel": "runtime/tensor_parallel",
     "modalmoe.models": "models",
     "modalmoe.launch": "launch",
 }

@@ -2,8 +2,11 @@
 
 permute writes T*k rows of H, so ``clone()`` of a [T*k, H] tensor is the bandwidth ceiling:
 ``clone / permute`` near 1 means the op runs at memory speed (target >= 0.9). The pure-PyTorch
-index_select / index_add path (the ops' reference) is timed beside it. All timings are medians over
-repeats, after warmup, taken in one run so they share the machine's state.
+index_select / index_add path (the ops' reference) is timed beside it. Candidates run in
+interleaved warmed-up bursts, so they share the machine's state; medians are reported
+(minima too: on a shared, busy machine the median picks up preemption). By default glibc is told to
+reuse freed memory (mallopt) so the timings measure the kernels rather than the page faults of a
+fresh 32 MiB mmap on every call; ``--fresh-pages`` keeps glibc's defaults.
 
 Legend: T tokens, k slots per token, E experts, H hidden, R = T*k permuted rows.
 
@@ -13,6 +16,7 @@ Run: ``python benchmarks/bench_permute.py [--tokens 16384 --top-k 2 --hidden 256
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -21,18 +25,33 @@ import torch
 
 from modalmoe import ops
 
-__all__ = ["main", "median_ms"]
+__all__ = ["main", "time_interleaved"]
 
 
-def median_ms(fn: Callable[[], object], *, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int, rounds: int = 5
+) -> dict[str, tuple[float, float]]:
+    """(median ms, min ms) per candidate. Each round gives every candidate a short warmed-up burst,
+    so the allocator settles on its pattern while drift over the run hits all candidates alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: (1e3 * statistics.median(t), 1e3 * min(t)) for name, t in times.items()}
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc returning big blocks to the OS, so repeated allocations skip page faults."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> None:
@@ -64,16 +83,18 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
         "ref unpermute (index_select + index_add)": lambda: ops.unpermute_reference(x_perm_RH, ref_plan, topk_w_Tk),
         "torch index_select*w + index_add_": index_add_combine,
     }
-    ms = {name: median_ms(fn, warmup=warmup, repeats=repeats) for name, fn in timings.items()}
-    clone = ms["clone [T*k, H]"]
+    ms = time_interleaved(timings, warmup=warmup, repeats=repeats)
+    clone = ms["clone [T*k, H]"][0]
+    permute_ms, unpermute_ms = ms["permute (plan + gather)"][0], ms["unpermute (weighted)"][0]
     mib = T * k * H * x_TH.element_size() / 2**20
     print(f"\nT={T} k={k} H={H} E={E} float32, {torch.get_num_threads()} threads, {mib:.0f} MiB of rows")
-    for name, t in ms.items():
-        print(f"  {name:<44s} {t:8.3f} ms   clone/this = {clone / t:5.2f}")
-    print(f"  => permute bandwidth fraction {clone / ms['permute (plan + gather)']:.2f}, "
-          f"unpermute {clone / ms['unpermute (weighted)']:.2f}; speedup vs reference: permute "
-          f"{ms['ref permute (argsort plan + index_select)'] / ms['permute (plan + gather)']:.1f}x, unpermute "
-          f"{ms['ref unpermute (index_select + index_add)'] / ms['unpermute (weighted)']:.1f}x")
+    print(f"  {'':<44s} {'median':>9s} {'min':>9s}   clone/this (medians)")
+    for name, (median, best) in ms.items():
+        print(f"  {name:<44s} {median:6.3f} ms {best:6.3f} ms   {clone / median:5.2f}")
+    print(f"  => bandwidth fraction (clone / op): permute {clone / permute_ms:.2f}, unpermute "
+          f"{clone / unpermute_ms:.2f}; speedup over the reference: permute "
+          f"{ms['ref permute (argsort plan + index_select)'][0] / permute_ms:.1f}x, unpermute "
+          f"{ms['ref unpermute (index_select + index_add)'][0] / unpermute_ms:.1f}x")
 
 
 def main() -> None:
@@ -82,9 +103,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each burst")
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls per candidate")
+    parser.add_argument("--fresh-pages", action="store_true", help="keep glibc's malloc defaults")
     args = parser.parse_args()
+    if not args.fresh_pages:
+        keep_freed_memory()
     if not ops.HAS_EXTENSION:
         raise SystemExit("modalmoe._C is not built; nothing to benchmark (see the warning above)")
     for E in args.experts:

@@ -10,7 +10,12 @@
 
 #include <omp.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -21,11 +26,45 @@ namespace {
 // Enough work per thread that fork/join (~µs) stays negligible.
 constexpr int64_t kSlotsPerThread = 16384;
 constexpr int64_t kElemsPerThread = 65536;
+// Outputs this big will not stay in cache for their consumer: store them non-temporally, which
+// also saves the read-for-ownership of every destination line.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+constexpr int64_t kCacheLine = 64;
 
 int threads_for(int64_t work, int64_t per_thread) {
   if (omp_in_parallel()) return 1;
   const int64_t wanted = std::max<int64_t>(1, work / per_thread);
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), wanted));
+}
+
+bool can_stream(const void* base, int64_t row_bytes, int64_t total_bytes) {
+#if defined(__SSE2__)
+  return total_bytes >= kStreamingBytes && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// dst must be 16-byte aligned and bytes a multiple of 16 (see can_stream).
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<__m128i*>(dst);
+  const auto* s = static_cast<const __m128i*>(src);
+  for (int64_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += kCacheLine) __builtin_prefetch(p + off);
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -125,45 +164,60 @@ void plan_kernel(const idx_t* idx_S, int64_t T, int64_t k, int64_t E, int64_t pa
 template <typename scalar_t, typename acc_t>
 void gather_kernel(const scalar_t* x_TH, const int64_t* src_slot_R, const acc_t* w_S, scalar_t* out_RH,
                    int64_t R, int64_t H, int64_t S, int64_t k) {
+  constexpr int64_t kAhead = 4;
+  const int64_t row_bytes = sizeof(scalar_t) * H;
+  const bool streaming = w_S == nullptr && can_stream(out_RH, row_bytes, R * row_bytes);
   int bad = 0;
-  const size_t row_bytes = sizeof(scalar_t) * H;
-#pragma omp parallel for num_threads(threads_for(R * H, kElemsPerThread)) schedule(static) reduction(| : bad)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = src_slot_R[r];
-    scalar_t* __restrict dst = out_RH + r * H;
-    if (s < 0 || s >= S) {
-      bad |= s < -1 || s >= S;
-      std::memset(static_cast<void*>(dst), 0, row_bytes);
-      continue;
-    }
-    const scalar_t* __restrict src = x_TH + (s / k) * H;
-    if (w_S == nullptr) {
-      std::memcpy(static_cast<void*>(dst), src, row_bytes);
-    } else {
-      const acc_t ws = w_S[s];
+#pragma omp parallel num_threads(threads_for(R * H, kElemsPerThread)) reduction(| : bad)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      if (r + kAhead < R && src_slot_R[r + kAhead] >= 0 && src_slot_R[r + kAhead] < S) {
+        prefetch_row(x_TH + (src_slot_R[r + kAhead] / k) * H, row_bytes);
+      }
+      const int64_t s = src_slot_R[r];
+      scalar_t* __restrict dst = out_RH + r * H;
+      if (s < 0 || s >= S) {
+        bad |= s < -1 || s >= S;
+        std::memset(static_cast<void*>(dst), 0, row_bytes);
+        continue;
+      }
+      const scalar_t* __restrict src = x_TH + (s / k) * H;
+      if (streaming) {
+        stream_copy(dst, src, row_bytes);
+      } else if (w_S == nullptr) {
+        std::memcpy(static_cast<void*>(dst), src, row_bytes);
+      } else {
+        const acc_t ws = w_S[s];
 #pragma omp simd
-      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(ws * static_cast<acc_t>(src[h]));
+        for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(ws * static_cast<acc_t>(src[h]));
+      }
     }
+    if (streaming) stream_fence();
   }
   TORCH_CHECK(!bad, "modalmoe.gather_rows: src_slot entries must be -1 or in [0, T*k)");
 }
 
-// Sums slot rows in slot order (deterministic); accumulates in acc_t, directly in out when equal.
+// Sums a token's slot rows in slot order (deterministic) into an L1-resident acc_t row, then writes
+// it out once (non-temporally when the output is large).
 template <typename scalar_t, typename acc_t>
 void combine_kernel(const scalar_t* y_RH, const int64_t* row_of_S, const acc_t* w_S, scalar_t* out_TH,
                     int64_t T, int64_t k, int64_t H, int64_t R) {
-  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  constexpr int64_t kAhead = 2;
+  const int64_t row_bytes = sizeof(scalar_t) * H;
+  const bool streaming = std::is_same_v<scalar_t, acc_t> && can_stream(out_TH, row_bytes, T * row_bytes);
   int bad = 0;
 #pragma omp parallel num_threads(threads_for(T * k * H, kElemsPerThread)) reduction(| : bad)
   {
-    std::vector<acc_t> buf(kDirect ? 0 : H);
+    std::vector<acc_t> buf(H);
+    acc_t* __restrict acc = buf.data();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      acc_t* __restrict acc;
-      if constexpr (kDirect) {
-        acc = out_TH + t * H;
-      } else {
-        acc = buf.data();
+      if (t + kAhead < T) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = row_of_S[(t + kAhead) * k + j];
+          if (r >= 0 && r < R) prefetch_row(y_RH + r * H, row_bytes);
+        }
       }
       int64_t used = 0;
       for (int64_t j = 0; j < k; ++j) {
@@ -183,11 +237,18 @@ void combine_kernel(const scalar_t* y_RH, const int64_t* row_of_S, const acc_t* 
         }
       }
       if (used == 0) std::fill(acc, acc + H, acc_t(0));
-      if constexpr (!kDirect) {
-        scalar_t* __restrict o = out_TH + t * H;
+      scalar_t* __restrict o = out_TH + t * H;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (streaming) {
+          stream_copy(o, acc, row_bytes);
+        } else {
+          std::memcpy(o, acc, row_bytes);
+        }
+      } else {
         for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
       }
     }
+    if (streaming) stream_fence();
   }
   TORCH_CHECK(!bad, "modalmoe.combine_rows: row_of entries must be -1 or in [0, R)");
 }

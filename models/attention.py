@@ -34,7 +34,7 @@ class Attention(nn.Module):
         attn_mask_B1SS: Tensor,
         rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         q_BNSK, k_BNSK, v_BNSK = (
             w(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
             for w in (self.wq, self.wk, self.wv)
@@ -47,4 +47,5 @@ class Attention(nn.Module):
             attn_mask=attn_mask_B1SS,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.wo(o_BNSK.transpose(1, 2).reshape(B, S, D))
+        # num_heads is the local head count under tensor parallelism, so the width is not always D
+        return self.wo(o_BNSK.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))

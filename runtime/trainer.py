@@ -133,13 +133,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         scalars = {
-            "loss": float(out.loss),
-            "caption_loss": float(out.caption_loss),
-            "aux_loss": float(out.aux_loss),
+            "loss": float(out.loss.detach()),
+            "caption_loss": float(out.caption_loss.detach()),
+            "aux_loss": float(out.aux_loss.detach()),
             "grad_norm": float(grad_norm),
         }
         if out.contrastive_loss is not None:
-            scalars["contrastive_loss"] = float(out.contrastive_loss)
+            scalars["contrastive_loss"] = float(out.contrastive_loss.detach())
         tokens = int(batch.mask.sum())
         return scalars, out.moe_stats, tokens
 

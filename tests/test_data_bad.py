@@ -1,15 +1,21 @@
 """Broken samples and shards are skipped and counted by reason; mostly-broken data raises."""
 
 import io
+import random
 import tarfile
 
 import pytest
 import webdataset as wds
-from PIL import Image
 
-from modalmoe.runtime.data import BAD_REASONS, BadDataError, DataConfig, build_loader, make_demo, render_scene, sample_scene
-
-import random
+from modalmoe.runtime.data import (
+    BAD_REASONS,
+    BadDataError,
+    DataConfig,
+    build_loader,
+    make_demo,
+    render_scene,
+    sample_scene,
+)
 
 
 def _image(i, fmt="PNG"):
@@ -61,19 +67,34 @@ def broken(tmp_path_factory):
 
 
 def _cfg(root, tok, **kw):
-    base = dict(train_shards=[str(root / "s*.tar")], eval_shards=[str(root / "s*.tar")], tokenizer=tok,
-                batch_size=4, epoch_samples=96, shuffle_buffer=8, num_workers=0, bad_check_min_samples=8,
-                max_bad_fraction=0.9)
+    base = dict(
+        train_shards=[str(root / "s*.tar")],
+        eval_shards=[str(root / "s*.tar")],
+        tokenizer=tok,
+        batch_size=4,
+        epoch_samples=96,
+        shuffle_buffer=8,
+        num_workers=0,
+        bad_check_min_samples=8,
+        max_bad_fraction=0.9,
+    )
     return DataConfig(**{**base, **kw})
 
 
-GOOD_KEYS = {f"g0-{i:04d}" for i in range(10)} | {f"g5-{i:04d}" for i in range(10)} | \
-    {f"m-{i:04d}" for i in range(4)} | {f"n-{i:04d}" for i in range(4)} | {f"c-{i:04d}" for i in range(6)}
+GOOD_KEYS = (
+    {f"g0-{i:04d}" for i in range(10)}
+    | {f"g5-{i:04d}" for i in range(10)}
+    | {f"m-{i:04d}" for i in range(4)}
+    | {f"n-{i:04d}" for i in range(4)}
+    | {f"c-{i:04d}" for i in range(6)}
+)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_pass_counts_every_reason_exactly(broken, tok, workers):
-    loader = build_loader(_cfg(broken, tok, num_workers=workers), split="eval", dp_rank=0, dp_size=1, tokenizer=tok)
+    loader = build_loader(
+        _cfg(broken, tok, num_workers=workers), split="eval", dp_rank=0, dp_size=1, tokenizer=tok
+    )
     batches = list(loader)
     keys = [k for b in batches for k in b.keys]
     assert sorted(keys) == sorted(GOOD_KEYS)
@@ -94,7 +115,9 @@ def test_one_pass_counts_every_reason_exactly(broken, tok, workers):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_keeps_flowing_past_bad_data(broken, tok, workers):
-    loader = build_loader(_cfg(broken, tok, num_workers=workers), split="train", dp_rank=0, dp_size=1, tokenizer=tok)
+    loader = build_loader(
+        _cfg(broken, tok, num_workers=workers), split="train", dp_rank=0, dp_size=1, tokenizer=tok
+    )
     batches = list(loader)
     assert len(batches) == 96 // 4
     assert {k for b in batches for k in b.keys} <= GOOD_KEYS
@@ -123,7 +146,9 @@ def test_bad_fraction_threshold_raises(mostly_bad, tok, workers):
 
 
 def test_bad_fraction_waits_for_min_samples(mostly_bad, tok):
-    cfg = _cfg(mostly_bad, tok, epoch_samples=4, max_bad_fraction=0.5, bad_check_min_samples=1000, shuffle_buffer=0)
+    cfg = _cfg(
+        mostly_bad, tok, epoch_samples=4, max_bad_fraction=0.5, bad_check_min_samples=1000, shuffle_buffer=0
+    )
     assert len(list(build_loader(cfg, split="train", dp_rank=0, dp_size=1, tokenizer=tok))) == 1
 
 

@@ -3,12 +3,23 @@
 import json
 import random
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from modalmoe.runtime.data import HELDOUT_COMBOS, Tokenizer, expand_shards, iter_captions, make_demo, render_scene, sample_scene
+from modalmoe.runtime.data import (
+    HELDOUT_COMBOS,
+    DataConfig,
+    Tokenizer,
+    demo_paths,
+    expand_shards,
+    iter_captions,
+    make_demo,
+    render_scene,
+    sample_scene,
+)
 
 SMALL = dict(n_train=120, n_eval=40, samples_per_shard=50)
 
@@ -25,22 +36,25 @@ def _members(path):
 
 def test_same_seed_gives_byte_identical_shards(demo, tmp_path):
     again = make_demo(tmp_path / "again", seed=3, **SMALL)
-    assert demo.manifest["train_files"] == again.manifest["train_files"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert (
+        demo.manifest["train_files"]
+        == again.manifest["train_files"]
+        == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    )
     for name in demo.manifest["train_files"] + demo.manifest["eval_files"]:
-        first = open(f"{demo.out_dir}/{name}", "rb").read()
-        second = open(f"{again.out_dir}/{name}", "rb").read()
-        assert first == second, name
+        assert (Path(demo.out_dir) / name).read_bytes() == (Path(again.out_dir) / name).read_bytes(), name
     other = make_demo(tmp_path / "other", seed=4, **SMALL)
-    assert open(f"{other.out_dir}/train-000000.tar", "rb").read() != open(f"{demo.out_dir}/train-000000.tar", "rb").read()
+    shard = "train-000000.tar"
+    assert (Path(other.out_dir) / shard).read_bytes() != (Path(demo.out_dir) / shard).read_bytes()
 
 
 def test_layout_manifest_and_tokenizer(demo):
     assert len(expand_shards(demo.train_shards)) == 3 and len(expand_shards(demo.eval_shards)) == 1
-    manifest = json.load(open(f"{demo.out_dir}/manifest.json"))
+    manifest = json.loads((Path(demo.out_dir) / "manifest.json").read_text())
     assert manifest["counts"]["train"] == 120 and manifest["counts"]["eval"] == 40
     assert manifest["params"]["seed"] == 3
     assert "tokenizer.model" in (Path(demo.out_dir) / "README").read_text()
-    names, mtimes, uids, unames, _ = zip(*_members(f"{demo.out_dir}/train-000000.tar"))
+    names, mtimes, uids, unames, _ = zip(*_members(f"{demo.out_dir}/train-000000.tar"), strict=True)
     assert set(mtimes) == {0} and set(uids) == {0} and set(unames) == {"modalmoe"}
     assert names[:3] == ("train-000000.json", "train-000000.png", "train-000000.txt")
     tok = Tokenizer(demo.tokenizer)
@@ -75,8 +89,8 @@ def test_captions_match_geometry_and_pixels():
             continue
         a, b = scene.objects
         assert scene.caption == f"a {a.size} {a.colour} {a.shape} {scene.relation} a {b.size} {b.colour} {b.shape}"
-        {"above": lambda: a.cy < b.cy, "below": lambda: a.cy > b.cy,
-         "left of": lambda: a.cx < b.cx, "right of": lambda: a.cx > b.cx}[scene.relation]() or pytest.fail(scene)
+        holds = {"above": a.cy < b.cy, "below": a.cy > b.cy, "left of": a.cx < b.cx, "right of": a.cx > b.cx}
+        assert holds[scene.relation], scene
 
 
 def test_reuse_skips_rebuild(demo):
@@ -85,3 +99,20 @@ def test_reuse_skips_rebuild(demo):
     again = make_demo(demo.out_dir, seed=3, **SMALL)
     assert again.train_shards == demo.train_shards
     assert shard.stat().st_mtime_ns == before
+
+
+def test_demo_paths(demo, tmp_path):
+    paths = demo_paths(demo.out_dir)
+    assert paths == {"train": demo.train_shards, "eval": demo.eval_shards, "tokenizer": demo.tokenizer}
+    assert demo_paths(tmp_path) is None
+
+
+def test_default_build_is_quick_and_fits_the_default_config(tmp_path):
+    start = time.perf_counter()
+    data = make_demo(tmp_path)
+    assert time.perf_counter() - start < 30
+    assert data.manifest["counts"]["train"] == 4000 and data.manifest["counts"]["eval"] == 500
+    assert len(expand_shards(data.train_shards)) == 16
+    tok, cfg = Tokenizer(data.tokenizer), DataConfig()
+    longest = max(len(tok.encode(c)) for c in iter_captions(data.train_shards + data.eval_shards))
+    assert longest + 2 <= cfg.max_text_len  # bos + caption + eos is never truncated

@@ -31,8 +31,16 @@ def demo(tmp_path_factory):
 
 
 def _cfg(demo, **kw):
-    base = dict(train_shards=demo.train_shards, eval_shards=demo.eval_shards, tokenizer=demo.tokenizer,
-                batch_size=8, epoch_samples=96, shuffle_buffer=16, num_workers=0, seed=5)
+    base = dict(
+        train_shards=demo.train_shards,
+        eval_shards=demo.eval_shards,
+        tokenizer=demo.tokenizer,
+        batch_size=8,
+        epoch_samples=96,
+        shuffle_buffer=16,
+        num_workers=0,
+        seed=5,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -97,8 +105,13 @@ def captions_match(demo, batches):
 def test_epoch_length_does_not_depend_on_workers(demo, resampled):
     orders = []
     for workers in (0, 2):
-        loader = build_loader(_cfg(demo, num_workers=workers, resampled=resampled), split="train", dp_rank=0,
-                              dp_size=1, tokenizer=demo.tokenizer)
+        loader = build_loader(
+            _cfg(demo, num_workers=workers, resampled=resampled),
+            split="train",
+            dp_rank=0,
+            dp_size=1,
+            tokenizer=demo.tokenizer,
+        )
         assert len(loader) == 12
         epoch0, epoch1 = list(loader), list(loader)
         assert len(epoch0) == len(epoch1) == 12 and loader.epoch == 2

@@ -14,8 +14,15 @@ def demo(tmp_path_factory):
 
 
 def _cfg(demo, **kw):
-    base = dict(train_shards=demo.train_shards, eval_shards=demo.eval_shards, tokenizer=demo.tokenizer,
-                batch_size=8, epoch_samples=16, num_workers=0, shuffle_buffer=8)
+    base = dict(
+        train_shards=demo.train_shards,
+        eval_shards=demo.eval_shards,
+        tokenizer=demo.tokenizer,
+        batch_size=8,
+        epoch_samples=16,
+        num_workers=0,
+        shuffle_buffer=8,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -25,7 +32,10 @@ def test_brace_list_glob_and_missing(tmp_path):
     urls = expand_shards(str(tmp_path / "train-{000000..000003}.tar"))
     assert urls == [str(tmp_path / f"train-{i:06d}.tar") for i in range(4)]
     assert expand_shards([str(tmp_path / "train-000003.tar"), str(tmp_path / "train-{000000..000001}.tar")]) == [
-        str(tmp_path / "train-000003.tar"), str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
+        str(tmp_path / "train-000003.tar"),
+        str(tmp_path / "train-000000.tar"),
+        str(tmp_path / "train-000001.tar"),
+    ]
     assert expand_shards(str(tmp_path / "train-*.tar")) == urls
     assert expand_shards(str(tmp_path / "train-{000002..000005}.tar")) == urls[2:]
     assert expand_shards("pipe:cat a-{0..1}.tar") == ["pipe:cat a-0.tar", "pipe:cat a-1.tar"]
@@ -44,12 +54,17 @@ def test_brace_and_pipe_urls_load_the_same_samples(demo):
     files = expand_shards(demo.eval_shards)
     assert len(files) == 2
     plain = build_loader(_cfg(demo), split="eval", dp_rank=0, dp_size=1, tokenizer=demo.tokenizer)
-    piped = build_loader(_cfg(demo, eval_shards=[f"pipe:cat {f}" for f in files]), split="eval", dp_rank=0,
-                         dp_size=1, tokenizer=demo.tokenizer)
+    piped = build_loader(
+        _cfg(demo, eval_shards=[f"pipe:cat {f}" for f in files]),
+        split="eval",
+        dp_rank=0,
+        dp_size=1,
+        tokenizer=demo.tokenizer,
+    )
     a, b = list(plain), list(piped)
     assert [k for x in a for k in x.keys] == [k for x in b for k in x.keys]
     assert sum(x.size for x in a) == 30
-    assert all((x.patches == y.patches).all() for x, y in zip(a, b))
+    assert all((x.patches == y.patches).all() for x, y in zip(a, b, strict=True))
 
 
 def test_valid_config_passes_and_loads_from_dict(demo):

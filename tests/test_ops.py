@@ -193,6 +193,24 @@ def test_values_and_grads_match_reference(dtype, device) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_outputs(dtype, device) -> None:
+    """Outputs of 8 MiB and more take the CPU kernels' non-temporal store path."""
+    gen = torch.Generator().manual_seed(9)
+    T, k, E, H = 16384, 2, 8, 256 if dtype == torch.bfloat16 else 128
+    idx_Tk = random_topk(T, k, E, gen=gen, unrouted=0.01).to(device)
+    x_TH = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+    w_Tk = torch.rand(T, k, generator=gen).to(device)
+    x_perm, plan = ops.permute(x_TH, idx_Tk, E, pad_multiple=16)
+    ref_perm, ref_plan = ops.permute_reference(x_TH, idx_Tk, E, pad_multiple=16)
+    assert x_perm.numel() * x_perm.element_size() >= 8 << 20
+    assert torch.equal(x_perm, ref_perm)
+    tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(ops.unpermute(x_perm, plan, w_Tk), ops.unpermute_reference(ref_perm, ref_plan, w_Tk), **tol)
+    torch.testing.assert_close(ops.unpermute(x_perm, plan), ops.unpermute_reference(ref_perm, ref_plan), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pad, cap, unrouted", [(1, None, 0.0), (3, 4, 0.25), (2, None, 0.5)])
 def test_gradcheck_float64(pad, cap, unrouted, device) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -256,6 +274,25 @@ def test_deterministic(device) -> None:
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@needs_extension
+def test_torch_compile_fullgraph() -> None:
+    """The fake kernels (data-dependent R included) let torch.compile trace permute/unpermute whole."""
+
+    def moe_mix(x_TH, idx_Tk, w_Tk):
+        x_perm, plan = ops.permute(x_TH, idx_Tk, 8, pad_multiple=4, capacity=12)
+        return ops.unpermute(x_perm.sin(), plan, w_Tk)
+
+    gen = torch.Generator().manual_seed(8)
+    x_TH = torch.randn(64, 16, generator=gen, requires_grad=True)
+    idx_Tk = random_topk(64, 2, 8, gen=gen, unrouted=0.1)
+    w_Tk = torch.rand(64, 2, generator=gen, requires_grad=True)
+    out = torch.compile(moe_mix, fullgraph=True)(x_TH, idx_Tk, w_Tk)
+    ref = moe_mix(x_TH, idx_Tk, w_Tk)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out.sum(), (x_TH, w_Tk)), torch.autograd.grad(ref.sum(), (x_TH, w_Tk))):
+        torch.testing.assert_close(got, want)
 
 
 def _opcheck_samples(device: str) -> list[tuple[str, tuple]]:

@@ -1,6 +1,7 @@
 """The main job end to end on a tiny demo set: run folder contents, learning, exact resume, CLI errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -53,11 +54,16 @@ def test_train_writes_the_run_folder_and_learns(demo_dir, tmp_path):
 
 def test_resume_continues_the_loss_curve_exactly(demo_dir, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert _train(demo_dir, full, "train.steps=20", "train.eval_batches=1") == 0
-    assert _train(demo_dir, part, "train.steps=10", "train.eval_batches=1") == 0
-    assert _train(demo_dir, part, "train.steps=20", "train.eval_batches=1") == 0
+    common = ("train.steps=20", "train.eval_batches=1", "train.save_every=10", "train.keep_checkpoints=3")
+    assert _train(demo_dir, full, *common) == 0
+    # a job stopped after step 10: only that checkpoint exists; it resumes to the same end
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000010", part / "checkpoints" / "step_00000010")
+    (part / "checkpoints" / "latest").write_text("step_00000010\n")
+    assert _train(demo_dir, part, *common) == 0
     a, _ = _losses(full)
     b, _ = _losses(part)
+    assert sorted(b) == [15, 20]
     assert a[15] == b[15] and a[20] == b[20]
 
 

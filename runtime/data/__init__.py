@@ -9,7 +9,7 @@ from .config import CLIP_MEAN, CLIP_STD, DataConfig
 from .convert import convert_folder, read_captions
 from .counts import BAD_REASONS, SAMPLE_REASONS, BadDataError, check_bad_fraction
 from .decode import IMAGE_EXTS, BadSample, ImageTransform, Sample, SampleDecoder, caption_ids, patchify, unpatchify
-from .demo import HELDOUT_COMBOS, DemoData, Scene, SceneObject, make_demo, render_scene, sample_scene
+from .demo import HELDOUT_COMBOS, DemoData, Scene, SceneObject, demo_paths, make_demo, render_scene, sample_scene
 from .pipeline import SampleStream, ShardLoader, SplitPlan, build_loader, split_plan
 from .shards import check_shards, expand_shards, is_local
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, check_vocab_size, iter_captions, train_tokenizer
@@ -48,6 +48,7 @@ __all__ = [
     "check_vocab_size",
     "collate",
     "convert_folder",
+    "demo_paths",
     "expand_shards",
     "is_local",
     "iter_captions",

@@ -76,10 +76,18 @@ def collate(samples: Sequence[Sample], pad_id: int, pad_to: int | None = None) -
     text_mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, L]
     p = patches.shape[1]
     modality = torch.cat(
-        [torch.full((b, p), MODALITY_IMAGE, dtype=torch.long), torch.full((b, length), MODALITY_TEXT, dtype=torch.long)],
+        [
+            torch.full((b, p), MODALITY_IMAGE, dtype=torch.long),
+            torch.full((b, length), MODALITY_TEXT, dtype=torch.long),
+        ],
         dim=1,
     )  # [B, P+L]
     mask = torch.cat([torch.ones(b, p, dtype=torch.bool), text_mask], dim=1)  # [B, P+L]
     return Batch(
-        patches=patches, text=text, text_mask=text_mask, modality=modality, mask=mask, keys=[s.key for s in samples]
+        patches=patches,
+        text=text,
+        text_mask=text_mask,
+        modality=modality,
+        mask=mask,
+        keys=[s.key for s in samples],
     )

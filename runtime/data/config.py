@@ -58,26 +58,52 @@ class DataConfig:
 
     def validate(self, check_paths: bool = True, prefix: str = "data") -> None:
         """Raise ConfigError naming the first bad field; ``check_paths`` also looks at the disk."""
-        f = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
-        for name in ("image_size", "patch_size", "max_text_len", "batch_size", "epoch_samples",
-                     "prefetch_factor", "bad_check_min_samples"):
+
+        def f(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        for name in (
+            "image_size",
+            "patch_size",
+            "max_text_len",
+            "batch_size",
+            "epoch_samples",
+            "prefetch_factor",
+            "bad_check_min_samples",
+        ):
             value = getattr(self, name)
             check(value > 0, f(name), f"must be a positive integer, got {value}")
-        check(self.num_workers >= 0, f("num_workers"), f"must be >= 0 (0 = load in the main process), got {self.num_workers}")
-        check(self.shuffle_buffer >= 0, f("shuffle_buffer"), f"must be >= 0 (0 or 1 = no sample shuffling), got {self.shuffle_buffer}")
+        check(
+            self.num_workers >= 0,
+            f("num_workers"),
+            f"must be >= 0 (0 = load in the main process), got {self.num_workers}",
+        )
+        check(
+            self.shuffle_buffer >= 0,
+            f("shuffle_buffer"),
+            f"must be >= 0 (0 or 1 = no sample shuffling), got {self.shuffle_buffer}",
+        )
         check(
             self.image_size % self.patch_size == 0,
             f("image_size"),
             f"{self.image_size} is not divisible by patch_size {self.patch_size}; pick an image_size that is a "
             f"multiple of it (e.g. {max(1, self.image_size // self.patch_size) * self.patch_size})",
         )
-        check(self.max_text_len >= 3, f("max_text_len"), f"must be >= 3 (bos + at least one token + eos), got {self.max_text_len}")
+        check(
+            self.max_text_len >= 3,
+            f("max_text_len"),
+            f"must be >= 3 (bos + at least one token + eos), got {self.max_text_len}",
+        )
         check(
             self.epoch_samples >= self.batch_size,
             f("epoch_samples"),
             f"{self.epoch_samples} is smaller than batch_size {self.batch_size}: an epoch would hold no batch",
         )
-        check(0.0 <= self.max_bad_fraction <= 1.0, f("max_bad_fraction"), f"must lie in [0, 1], got {self.max_bad_fraction}")
+        check(
+            0.0 <= self.max_bad_fraction <= 1.0,
+            f("max_bad_fraction"),
+            f"must lie in [0, 1], got {self.max_bad_fraction}",
+        )
         for name in ("mean", "std"):
             value = getattr(self, name)
             check(len(value) == 3, f(name), f"needs one value per RGB channel (3), got {list(value)}")
@@ -95,7 +121,11 @@ class DataConfig:
         )
         check_shards(self.train_shards, f("train_shards"))
         check_shards(self.eval_shards, f("eval_shards"))
-        check(bool(self.tokenizer), f("tokenizer"), "is empty; point it at a sentencepiece .model file (train one with train_tokenizer)")
+        check(
+            bool(self.tokenizer),
+            f("tokenizer"),
+            "is empty; point it at a sentencepiece .model file (train one with train_tokenizer)",
+        )
         check(
             Path(self.tokenizer).is_file(),
             f("tokenizer"),

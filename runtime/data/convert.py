@@ -40,7 +40,9 @@ def read_captions(captions_file: str | Path) -> list[tuple[str, str]]:
                     raise ConfigError(f"{path}:{n}: not a JSON object ({exn})") from exn
                 missing = [c for c in _COLUMNS if not isinstance(record, dict) or c not in record]
                 if missing:
-                    raise ConfigError(f"{path}:{n}: missing key(s) {missing}; each line needs {{\"file\": ..., \"caption\": ...}}")
+                    raise ConfigError(
+                        f'{path}:{n}: missing key(s) {missing}; each line needs {{"file": ..., "caption": ...}}'
+                    )
                 rows.append((str(record["file"]), str(record["caption"])))
         return rows
     with open(path, newline="", encoding="utf-8") as f:
@@ -72,7 +74,9 @@ def convert_folder(
     try:
         out_pattern % 0
     except TypeError as exn:
-        raise ConfigError(f"out_pattern {out_pattern!r} needs one %d-style field for the shard number, e.g. 'out/train-%06d.tar'") from exn
+        raise ConfigError(
+            f"out_pattern {out_pattern!r} needs one %d-style field for the shard number, e.g. 'out/train-%06d.tar'"
+        ) from exn
     image_root = Path(image_dir)
     if not image_root.is_dir():
         raise ConfigError(f"image folder {str(image_root)!r} does not exist")
@@ -88,11 +92,15 @@ def convert_folder(
         if not caption.strip():
             empty.append(n)
     if missing:
-        raise ConfigError(f"{len(missing)} image(s) listed in {captions_file} are not in {image_root} (first: {missing[:5]})")
+        raise ConfigError(
+            f"{len(missing)} image(s) listed in {captions_file} are not in {image_root} (first: {missing[:5]})"
+        )
     if bad_ext:
         raise ConfigError(f"{len(bad_ext)} file(s) are not {'/'.join(IMAGE_EXTS)} images (first: {bad_ext[:5]})")
     if empty:
-        raise ConfigError(f"{len(empty)} row(s) of {captions_file} have an empty caption (first rows: {empty[:5]})")
+        raise ConfigError(
+            f"{len(empty)} row(s) of {captions_file} have an empty caption (first rows: {empty[:5]})"
+        )
     Path(out_pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     with wds.ShardWriter(

@@ -23,7 +23,9 @@ class BadDataError(RuntimeError):
     """The data stream is mostly broken (or yields nothing usable); the message says what was seen."""
 
 
-def check_bad_fraction(good: int, bad: Mapping[str, int], max_fraction: float, min_samples: int, where: str = "") -> None:
+def check_bad_fraction(
+    good: int, bad: Mapping[str, int], max_fraction: float, min_samples: int, where: str = ""
+) -> None:
     """Raise BadDataError once ``min_samples`` were seen and too many of them were bad."""
     nbad = sum(bad.get(r, 0) for r in SAMPLE_REASONS)
     seen = good + nbad

@@ -34,6 +34,7 @@ __all__ = [
     "render_scene",
     "DemoData",
     "make_demo",
+    "demo_paths",
 ]
 
 log = logging.getLogger("modalmoe.data")
@@ -170,7 +171,11 @@ def _metadata(scene: Scene) -> bytes:
 
 
 def _signature(scene: Scene, image_size: int) -> tuple:
-    return (scene.caption, scene.background, tuple((round(o.cx * image_size), round(o.cy * image_size)) for o in scene.objects))
+    return (
+        scene.caption,
+        scene.background,
+        tuple((round(o.cx * image_size), round(o.cy * image_size)) for o in scene.objects),
+    )
 
 
 def _write_split(
@@ -228,8 +233,12 @@ def make_demo(
     a colour+shape pair (``HELDOUT_COMBOS``) that training never shows. With ``reuse``, an existing
     build with the same parameters is returned as is.
     """
-    for name, value in (("n_train", n_train), ("n_eval", n_eval), ("samples_per_shard", samples_per_shard),
-                        ("image_size", image_size)):
+    for name, value in (
+        ("n_train", n_train),
+        ("n_eval", n_eval),
+        ("samples_per_shard", samples_per_shard),
+        ("image_size", image_size),
+    ):
         check(value > 0, name, f"must be a positive integer, got {value}")
     out = Path(out_dir).resolve()
     params = {
@@ -242,10 +251,9 @@ def make_demo(
         "heldout_combos": heldout_combos,
     }
     manifest_path = out / "manifest.json"
-    if reuse and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest.get("train_files", []) + manifest.get("eval_files", []) + ["tokenizer.model"]
-        if manifest.get("params") == params and all((out / f).is_file() for f in files):
+    if reuse:
+        manifest = _complete_manifest(out)
+        if manifest is not None and manifest.get("params") == params:
             log.info("reusing demo data set in %s", out)
             return _demo_data(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +273,9 @@ def make_demo(
     train_files = _write_split(out, "train", train, samples_per_shard, image_size)
     eval_files = _write_split(out, "eval", evals, samples_per_shard, image_size)
     # word pieces: the caption language is ~20 words, so captions stay ~10 tokens long
-    tokenizer = train_tokenizer([str(out / f) for f in train_files], out / "tokenizer", vocab_size, model_type="word")
+    tokenizer = train_tokenizer(
+        [str(out / f) for f in train_files], out / "tokenizer", vocab_size, model_type="word"
+    )
     manifest = {
         "params": params,
         "train_files": train_files,
@@ -285,6 +295,26 @@ def make_demo(
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("wrote demo data set to %s: %d train / %d eval samples", out, n_train, n_eval)
     return _demo_data(out, manifest)
+
+
+def _complete_manifest(out: Path) -> dict | None:
+    """The manifest of a finished build in ``out`` (it is written last), or None."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("train_files", []) + manifest.get("eval_files", []) + [manifest.get("tokenizer", "")]
+    return manifest if all((out / f).is_file() for f in files) else None
+
+
+def demo_paths(out_dir: str | Path) -> dict[str, list[str] | str] | None:
+    """``{"train": [pattern], "eval": [pattern], "tokenizer": path}`` of a finished demo build, else None."""
+    out = Path(out_dir).resolve()
+    manifest = _complete_manifest(out)
+    if manifest is None:
+        return None
+    data = _demo_data(out, manifest)
+    return {"train": data.train_shards, "eval": data.eval_shards, "tokenizer": data.tokenizer}
 
 
 def _demo_data(out: Path, manifest: dict) -> DemoData:
@@ -307,6 +337,7 @@ def _readme(m: dict) -> str:
         f"eval:  {m['counts']['eval']} samples in {m['eval_pattern']} (disjoint from train; "
         f"{m['counts']['eval_heldout_combo']} contain a colour+shape pair never seen in training: "
         f"{', '.join(m['heldout_combos']) or 'none'})\n"
-        f"tokenizer: {m['tokenizer']} (sentencepiece word model, {m['tokenizer_vocab_size']} pieces; pad=0 unk=1 bos=2 eos=3)\n"
+        f"tokenizer: {m['tokenizer']} (sentencepiece word model, {m['tokenizer_vocab_size']} pieces; "
+        "pad=0 unk=1 bos=2 eos=3)\n"
         "Each sample: key.png, key.txt (caption), key.json (objects, relation, heldout_combo).\n"
     )

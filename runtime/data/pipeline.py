@@ -31,7 +31,7 @@ from .batch import Batch, collate
 from .config import DataConfig
 from .counts import BAD_REASONS, SampleCounter, ShardErrors, check_bad_fraction
 from .decode import BadSample, ImageTransform, SampleDecoder
-from .shards import expand_shards
+from .shards import closing_streams, expand_shards
 from .tokenizer import Tokenizer
 
 __all__ = ["SplitPlan", "split_plan", "SampleStream", "ShardLoader", "build_loader"]
@@ -69,7 +69,7 @@ def _observe(src: Iterator[dict], errors: ShardErrors) -> Iterator[dict]:
         yield sample
 
 
-def _begin_shards(src: Iterator[dict], errors: ShardErrors) -> Iterator[dict]:
+def _track_shards(src: Iterator[dict], errors: ShardErrors) -> Iterator[dict]:
     for source in src:
         errors.begin_shard(source["url"])
         yield source
@@ -140,6 +140,7 @@ class SampleStream(torch.utils.data.IterableDataset):
             )
         if not self.train:
             return wds.SimpleShardList(self.urls)
+
         # Endless passes, reshuffled identically on every rank each pass; the dp/worker slices that
         # follow partition the concatenated stream, so ranks never share a shard within a pass.
         def passes() -> Iterator[dict]:
@@ -158,7 +159,8 @@ class SampleStream(torch.utils.data.IterableDataset):
             stages.append(wds.slice(worker, None, n))
         stages += [
             wds.pipelinefilter(tariterators.url_opener)(handler=errors.on_open),
-            wds.pipelinefilter(_begin_shards)(errors),
+            closing_streams,
+            wds.pipelinefilter(_track_shards)(errors),
             wds.pipelinefilter(tariterators.tar_file_expander)(handler=errors.on_read),
             wds.pipelinefilter(tariterators.group_by_keys)(handler=errors.on_read),
             wds.pipelinefilter(_observe)(errors),
@@ -247,6 +249,9 @@ class ShardLoader:
             raise TypeError("the eval loader is a finite pass of unknown length")
         return self.epoch_batches
 
+    def __bool__(self) -> bool:  # truthiness must not go through the eval loader's __len__
+        return True
+
     def bad_counts(self) -> dict[str, int]:
         """Skipped samples/shards by reason since the start of training (restored on resume)."""
         return {r: self._bad[r] for r in BAD_REASONS}
@@ -256,7 +261,11 @@ class ShardLoader:
         since leaving it to garbage collection (an exception's reference cycle) stalls for seconds."""
         kwargs: dict[str, Any] = {"prefetch_factor": self.cfg.prefetch_factor} if self.num_workers > 0 else {}
         loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), **kwargs
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
         )
         it = iter(loader)
         try:
@@ -296,7 +305,11 @@ class ShardLoader:
         self.good_samples += batch.size
         self._bad.update(batch.bad_counts)
         check_bad_fraction(
-            self.good_samples, self._bad, self.cfg.max_bad_fraction, self.cfg.bad_check_min_samples, f"{self.split} data: "
+            self.good_samples,
+            self._bad,
+            self.cfg.max_bad_fraction,
+            self.cfg.bad_check_min_samples,
+            f"{self.split} data: ",
         )
 
     def _next_epoch(self) -> None:
@@ -334,15 +347,21 @@ class ShardLoader:
         """Resume exactly where ``state`` was taken; if the data layout changed (worker count, dp size,
         shards, ...) the exact order cannot be rebuilt, so start the next epoch and say so."""
         if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume")
+            raise ConfigError(
+                f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume"
+            )
         self.good_samples = int(state["good_samples"])
         self._bad = Counter({k: int(v) for k, v in state["bad_counts"].items()})
         self.epoch = int(state["epoch"])
         changed = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            log.warning("data layout changed since the checkpoint (%s); resuming at the start of epoch %d, "
-                        "not at the exact sample", diff, self.epoch + 1)
+            log.warning(
+                "data layout changed since the checkpoint (%s); resuming at the start of epoch %d, "
+                "not at the exact sample",
+                diff,
+                self.epoch + 1,
+            )
             self._next_epoch()
             return
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -371,13 +390,21 @@ def build_loader(
     field = "data.train_shards" if split == "train" else "data.eval_shards"
     patterns = cfg.train_shards if split == "train" else cfg.eval_shards
     urls = expand_shards(patterns)
-    check(bool(urls), field, f"no shard found for {patterns!r}; list existing tar shards or build the demo set with make_demo")
+    check(
+        bool(urls),
+        field,
+        f"no shard found for {patterns!r}; list existing tar shards or build the demo set with make_demo",
+    )
     stream = SampleStream(
         cfg, urls, tokenizer, train=split == "train", dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.num_workers
     )
     log.info(
         "%s loader: dp rank %d/%d, %d shard(s), %d worker(s), split %s",
-        split, dp_rank, dp_size, len(urls), cfg.num_workers, stream.plan,
+        split,
+        dp_rank,
+        dp_size,
+        len(urls),
+        cfg.num_workers,
+        stream.plan,
     )
     return ShardLoader(cfg, stream, split=split)
-

@@ -9,13 +9,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from webdataset.shardlists import expand_urls
 
 from ..config import ConfigError
 
-__all__ = ["is_local", "expand_shards", "check_shards"]
+__all__ = ["is_local", "expand_shards", "check_shards", "closing_streams"]
 
 log = logging.getLogger("modalmoe.data")
 
@@ -31,9 +32,9 @@ def is_local(url: str) -> bool:
 
 def _local_path(url: str) -> str:
     if url.startswith("file://"):
-        return url[len("file://"):]
+        return url[len("file://") :]
     if url.startswith("file:"):
-        return url[len("file:"):]
+        return url[len("file:") :]
     return url
 
 
@@ -80,3 +81,25 @@ def check_shards(patterns: Sequence[str], field: str) -> None:
                 f"{len(local)} path(s), first {local[0]!r}); fix the path or brace range, e.g. "
                 "'shards/train-{000000..000031}.tar', or build the demo set with make_demo"
             )
+
+
+def _close(stream: Any) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except Exception as exn:  # a pipe cut short exits with SIGPIPE; the shard error was already handled
+        log.debug("closing shard stream %s: %r", stream, exn)
+
+
+def closing_streams(sources: Iterable[dict]) -> Iterator[dict]:
+    """Pass opened shards (``{"url", "stream"}``) through, closing each once the tar reader asks for
+    the next one or stops; webdataset leaves that to the garbage collector, which keeps pipes open."""
+    stream = None
+    try:
+        for source in sources:
+            _close(stream)
+            stream = source.get("stream")
+            yield source
+    finally:
+        _close(stream)

@@ -14,7 +14,7 @@ import sentencepiece as spm
 from webdataset import tariterators
 
 from ..config import ConfigError, check
-from .shards import expand_shards
+from .shards import closing_streams, expand_shards
 
 __all__ = [
     "PAD_ID",
@@ -120,7 +120,7 @@ def iter_captions(shard_urls: str | Sequence[str], limit: int | None = None) -> 
     urls = expand_shards(shard_urls)
     sources = ({"url": u} for u in urls)
     files = tariterators.tar_file_expander(
-        tariterators.url_opener(sources, handler=_skip_shard),
+        closing_streams(tariterators.url_opener(sources, handler=_skip_shard)),
         handler=_skip_shard,
         select_files=lambda name: name.lower().endswith(".txt"),
     )
@@ -155,7 +155,11 @@ def train_tokenizer(
     """
     check(vocab_size > 4, "vocab_size", f"must be > 4 (pad, unk, bos, eos are reserved), got {vocab_size}")
     captions = list(iter_captions(shard_urls, limit=max_sentences))
-    check(bool(captions), "shard_urls", f"no caption (.txt member) found in {shard_urls!r}; is this a webdataset shard set?")
+    check(
+        bool(captions),
+        "shard_urls",
+        f"no caption (.txt member) found in {shard_urls!r}; is this a webdataset shard set?",
+    )
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     try:

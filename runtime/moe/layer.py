@@ -28,10 +28,14 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, dispatcher=None, num_local_experts: int | None = None):
+    """``stats_group`` (the DP group, None = single process): the routing sums behind the losses
+    and the bias update are all-reduced over it, so every rank computes the global-batch losses."""
+
+    def __init__(self, cfg: MoEConfig, dispatcher=None, num_local_experts: int | None = None, stats_group=None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.stats_group = stats_group
         self.router = build_router(cfg)
         self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
         self.experts = GroupedExperts(
@@ -53,7 +57,8 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TH, modality_T, valid_T)
         sums = RoutingSums.compute(routing, modality_T, valid_T, cfg.num_modalities)
-        aux_loss, terms = router_losses(cfg, routing, sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
+        batch_sums = sums if self.stats_group is None else sums.all_reduce(self.stats_group)
+        aux_loss, terms = router_losses(cfg, routing, batch_sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
 
         cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
         x_RH, plan, counts_E = self.dispatcher.dispatch(x_TH, cap.idx_Tk, cap.kernel_capacity)
@@ -69,6 +74,6 @@ class MoELayer(nn.Module):
             (modality_T[:, None] * E + kept_idx_Tk.clamp_min(0))[kept], minlength=cfg.num_modalities * E
         ).view(cfg.num_modalities, E)
         if self.training and cfg.bias_update_rate > 0:
-            self.router.update_bias(sums.load_ME.sum(0))
+            self.router.update_bias(batch_sums.load_ME.sum(0))
         stats = RoutingStats.from_sums(sums, kept_ME, terms)
         return y_TH.view(x.shape), MoEAux(loss=aux_loss, stats=stats)

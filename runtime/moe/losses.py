@@ -1,7 +1,8 @@
 """Auxiliary losses and regularisers of the router, each switched on by a non-zero coefficient.
 
 Legend: T tokens, E experts, M modalities, H hidden. All terms use real tokens only, and the
-load-balance terms use the top-k choice before any capacity drop.
+load-balance terms use the top-k choice before any capacity drop. Every batch-dependent term is
+a function of the :class:`RoutingSums` only, so all-reduced sums give the global-batch losses.
 """
 
 from __future__ import annotations
@@ -69,8 +70,7 @@ def router_losses(
         ]
         add("load_balance_modality", cfg.lb_modality_coef, (torch.stack(per_m) * present_M).sum() / n_present)
     if cfg.z_loss_coef > 0:
-        z_T = torch.logsumexp(routing.logits_TE, dim=-1) ** 2
-        add("z_loss", cfg.z_loss_coef, (z_T * valid_T).sum() / valid_T.sum().clamp_min(1))
+        add("z_loss", cfg.z_loss_coef, sums.z_sum / sums.tokens_M.sum().clamp_min(1))
     if cfg.limoe_local_coef > 0:
         local_M = sums.entropy_sum_M / sums.tokens_M.clamp_min(1)
         add("limoe_local", cfg.limoe_local_coef, (local_M * present_M).sum() / n_present)

@@ -2,7 +2,8 @@
 
 Legend: T tokens, E experts, M modalities, k slots. Only real (non-padding) tokens are counted.
 Stats are detached tensors so they can be summed over micro-batches and all-reduced over ranks
-before anything is copied to the host.
+before anything is copied to the host. Under data parallelism the losses need the sums of the whole
+(global) batch, not of one rank's shard: :meth:`RoutingSums.all_reduce` gives them, with grad.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..distributed import all_reduce_sum
 from .router import Routing
 
 __all__ = ["RoutingSums", "RoutingStats", "token_entropy", "specialisation_index"]
 
 
 def token_entropy(probs_TE: Tensor) -> Tensor:
-    """Entropy in nats of each row; 0·log 0 = 0 (partitioned routers leave zeros)."""
-    return -torch.special.xlogy(probs_TE, probs_TE).sum(-1)
+    """Entropy in nats of each row; 0·log 0 = 0 (partitioned routers leave zeros).
+
+    log is taken of p clamped to the smallest normal float, not via ``xlogy``, whose gradient at
+    p = 0 is 0/0 = NaN and poisons the router grads of partitioned routers.
+    """
+    return -(probs_TE * probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny).log()).sum(-1)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class RoutingSums:
     load_ME: Tensor  # float32 routed slots per (modality, expert), before any capacity drop
     prob_sum_ME: Tensor  # float32 Σ_t probs over the modality's tokens (differentiable)
     entropy_sum_M: Tensor  # float32 Σ_t H(p_t) over the modality's tokens (differentiable)
+    z_sum: Tensor  # float32 scalar Σ_t logsumexp(logits_t)² over real tokens (differentiable)
 
     @classmethod
     def compute(cls, routing: Routing, modality_T: Tensor, valid_T: Tensor, num_modalities: int) -> "RoutingSums":
@@ -40,12 +47,35 @@ class RoutingSums:
         routed_Tk = (routing.idx_Tk >= 0) & valid_T[:, None]
         flat = (modality_T[:, None] * E + routing.idx_Tk.clamp_min(0))[routed_Tk]
         load_ME = torch.bincount(flat, minlength=num_modalities * E).view(num_modalities, E).float()
+        z_T = torch.logsumexp(routing.logits_TE, dim=-1) ** 2
         return cls(
             onehot_TM=onehot_TM,
             tokens_M=onehot_TM.sum(0),
             load_ME=load_ME,
             prob_sum_ME=onehot_TM.t() @ probs_TE,
             entropy_sum_M=onehot_TM.t() @ token_entropy(probs_TE),
+            z_sum=(z_T * valid_T).sum(),
+        )
+
+    def all_reduce(self, group) -> "RoutingSums":
+        """The sums over every rank of ``group`` (the DP group), in one collective each way.
+
+        Differentiable: the backward all-reduces (SUM) the grads, so each rank's router gets
+        dp × its share of the global-loss gradient, and DP gradient averaging (÷ dp) then yields
+        exactly the single-process gradient. ``onehot_TM`` stays local (it is per token).
+        """
+        parts = [self.tokens_M, self.load_ME, self.prob_sum_ME, self.entropy_sum_M, self.z_sum]
+        flat = all_reduce_sum(torch.cat([p.reshape(-1) for p in parts]), group)
+        tokens_M, load_ME, prob_sum_ME, entropy_sum_M, z_sum = (
+            f.view_as(p) for f, p in zip(flat.split([p.numel() for p in parts]), parts)
+        )
+        return RoutingSums(
+            onehot_TM=self.onehot_TM,
+            tokens_M=tokens_M.detach(),
+            load_ME=load_ME.detach(),
+            prob_sum_ME=prob_sum_ME,
+            entropy_sum_M=entropy_sum_M,
+            z_sum=z_sum,
         )
 
 

@@ -145,7 +145,7 @@ int main() {
     check_case(37, 2, 5, 7, 1, -1, 0.2, at::kInt, 3);
     check_case(200, 3, 9, 4, 4, 20, 0.1, at::kLong, 4);
     check_case(500, 2, 1024, 2, 2, 1, 0.0, at::kInt, 5);
-    check_case(40000, 2, 16, 2, 8, 3000, 0.05, at::kLong, 6);  // several histogram chunks when threads > 1
+    check_case(40000, 2, 16, 64, 8, 3000, 0.05, at::kLong, 6);  // chunked histogram, streaming stores
   }
   if (failures == 0) std::printf("test_permute: all checks passed\n");
   return failures == 0 ? 0 : 1;

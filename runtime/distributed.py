@@ -1,0 +1,135 @@
+"""Small torch.distributed helpers: process-group init from the launcher's env, differentiable
+collectives that behave the same on gloo and NCCL, and DeepSpeed's gradient-reduction rule.
+
+Legend: R rows (permuted token copies), H hidden. Every collective takes its group explicitly.
+The autograd collectives are written here rather than taken from ``torch.distributed.nn`` so that
+their backward is exactly the one the parity tests rely on (all-reduce: SUM of the grads;
+all-to-all: the reverse exchange with swapped splits) and so that rows on the wire can be counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "init_from_env",
+    "all_reduce_sum",
+    "all_to_all_rows",
+    "reduce_gradients",
+    "is_expert_param",
+]
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the job described by ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun,
+    deepspeed launcher); a lone process with none of them set becomes a world of one.
+
+    Returns (rank, world_size). Does nothing but report if a group is already initialised.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return rank, world_size
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x. Every rank's loss depends on y, so dL/dx on one rank is Σ_ranks dL_r/dy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    """Differentiable SUM all-reduce over ``group`` (out of place)."""
+    return _AllReduceSum.apply(x, group)
+
+
+def _row_bytes(x: Tensor) -> int:
+    return math.prod(x.shape[1:]) * x.element_size()
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Variable-split all-to-all of rows; backward sends the grads back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x_RH: Tensor, send_splits: list[int], recv_splits: list[int], group, on_send) -> Tensor:
+        ctx.group, ctx.send_splits, ctx.recv_splits, ctx.on_send = group, send_splits, recv_splits, on_send
+        out_RH = x_RH.new_empty(sum(recv_splits), *x_RH.shape[1:])
+        dist.all_to_all_single(out_RH, x_RH.contiguous(), recv_splits, send_splits, group=group)
+        if on_send is not None:
+            on_send("fwd", sum(send_splits) * _row_bytes(x_RH))
+        return out_RH
+
+    @staticmethod
+    def backward(ctx, g_RH: Tensor):
+        g_RH = g_RH.contiguous()
+        out_RH = g_RH.new_empty(sum(ctx.send_splits), *g_RH.shape[1:])
+        dist.all_to_all_single(out_RH, g_RH, ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        if ctx.on_send is not None:
+            ctx.on_send("bwd", sum(ctx.recv_splits) * _row_bytes(g_RH))
+        return out_RH, None, None, None, None
+
+
+def all_to_all_rows(
+    x_RH: Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    group,
+    on_send: Callable[[str, int], None] | None = None,
+) -> Tensor:
+    """Send ``x_RH[block i]`` (``send_splits[i]`` rows) to group rank i; receive ``recv_splits[j]``
+    rows from group rank j, concatenated in rank order. Differentiable.
+
+    ``on_send(direction, nbytes)`` is told the bytes this rank hands to the collective, in the
+    forward ("fwd") and backward ("bwd") exchange, including the block it keeps for itself.
+    """
+    if len(send_splits) != len(recv_splits) or sum(send_splits) != x_RH.shape[0]:
+        raise ValueError(f"splits {send_splits} / {recv_splits} do not fit {x_RH.shape[0]} rows")
+    return _AllToAllRows.apply(x_RH, list(send_splits), list(recv_splits), group, on_send)
+
+
+def is_expert_param(p: Tensor) -> bool:
+    """DeepSpeed's test (``deepspeed.moe.utils.is_moe_param``): an ``allreduce = False`` attribute."""
+    return getattr(p, "allreduce", True) is False
+
+
+@torch.no_grad()
+def reduce_gradients(params: Iterable[Tensor], dp_group, edp_group, dp_size: int | None = None) -> None:
+    """Data-parallel gradient averaging the way DeepSpeed's engine does it.
+
+    Dense grads: SUM over the DP group / dp. Expert grads (``is_expert_param``): SUM over the
+    expert-data-parallel group / dp as well (not / edp): an expert's grad already holds the
+    contributions of the ``ep`` ranks whose tokens it served (through the all-to-all backward),
+    so the EDP sum covers all dp ranks' tokens exactly once.
+    """
+    dp = dp_size if dp_size is not None else dist.get_world_size(dp_group)
+    for p in params:
+        if p.grad is None:
+            continue
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=edp_group if is_expert_param(p) else dp_group)
+        p.grad.div_(dp)

@@ -1,0 +1,138 @@
+"""Expert-parallel dispatch: the experts are spread over an EP group and token copies travel to them
+by all-to-all. Same interface as :class:`~.dispatch.LocalDispatcher`, so the layer is unchanged.
+
+Legend: T tokens, k slots, H hidden, E experts (global), L = E / ep local experts, P = ep peers,
+R rows this rank sends (its kept slots, grouped by global expert), N rows it receives.
+Global expert e lives on EP rank ``e // L`` as local expert ``e % L``.
+
+Path: ``ops.permute`` over global expert ids (rows come out grouped by destination peer) →
+all-to-all of the [P, L] count matrix → all-to-all of exactly the R real rows (variable splits,
+no capacity padding on the wire) → regroup the N received rows from peer-major to local-expert-
+major with one gather → experts → the reverse gather and all-to-all → ``ops.unpermute`` with the
+gate weights. Capacity, when set, is applied by each rank to its own slots (per-rank capacity,
+as in every EP system); dropless needs no agreement between ranks at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ... import ops
+from ..distributed import all_to_all_rows
+from .config import MoEConfig
+from .experts import GroupedExperts
+
+__all__ = ["AllToAllDispatcher", "EPPlan", "expert_parallel_layer", "load_expert_slice"]
+
+
+@dataclass
+class EPPlan:
+    """What combine needs to send each expert output back and un-permute it."""
+
+    plan: ops.PermutePlan  # the local permute over global experts
+    send_splits: list[int]  # [P] rows sent to each peer in dispatch
+    recv_splits: list[int]  # [P] rows received from each peer in dispatch
+    to_expert_major_N: Tensor  # [N] received (peer-major) row feeding each expert-major row
+    to_peer_major_N: Tensor  # [N] its inverse
+
+    @property
+    def dropped(self) -> Tensor:
+        return self.plan.dropped
+
+
+def _expert_major_order(counts_PL: Tensor) -> Tensor:
+    """Rows arrive as blocks (peer p, local expert l) in peer-major order; list, for each row of the
+    (l, p)-ordered buffer, the arriving row that fills it. O(N + P·L)."""
+    P, L = counts_PL.shape
+    start_PL = (counts_PL.flatten().cumsum(0) - counts_PL.flatten()).view(P, L)
+    counts_LP, start_LP = counts_PL.t().flatten(), start_PL.t().flatten()
+    dest_start_LP = counts_LP.cumsum(0) - counts_LP
+    n = int(counts_LP.sum())
+    shift_N = torch.repeat_interleave(start_LP - dest_start_LP, counts_LP, output_size=n)
+    return shift_N + torch.arange(n, device=counts_PL.device)
+
+
+class AllToAllDispatcher:
+    """Experts split evenly over ``group`` (the EP group); see the module docstring for the path.
+
+    ``bytes_sent`` accumulates the row bytes this rank hands to the all-to-alls, per phase
+    (``dispatch_fwd``, ``combine_fwd``, ``dispatch_bwd``, ``combine_bwd``), the block kept for
+    itself included; ``meta_bytes`` counts the [P, L] int64 count matrices.
+    """
+
+    def __init__(self, num_experts: int, group):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the EP group size {self.ep_size}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.bytes_sent = dict.fromkeys(("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd"), 0)
+        self.meta_bytes = 0
+
+    @property
+    def total_bytes_sent(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset_counters(self) -> None:
+        self.bytes_sent = dict.fromkeys(self.bytes_sent, 0)
+        self.meta_bytes = 0
+
+    def _counter(self, phase: str):
+        def on_send(direction: str, nbytes: int) -> None:
+            self.bytes_sent[f"{phase}_{direction}"] += nbytes
+
+        return on_send
+
+    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, EPPlan, Tensor]:
+        """Returns (rows for the local experts, expert-major; the plan; rows per local expert [L])."""
+        P, L = self.ep_size, self.num_local_experts
+        x_RH, plan = ops.permute(x_TH, idx_Tk, self.num_experts, capacity=capacity)
+        send_PL = plan.counts.view(P, L).contiguous()  # rows for peer p's local expert l
+        recv_PL = torch.empty_like(send_PL)  # rows from peer p for my local expert l
+        dist.all_to_all_single(recv_PL, send_PL, group=self.group)
+        self.meta_bytes += send_PL.numel() * send_PL.element_size()
+        splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
+        x_NH = all_to_all_rows(x_RH, splits[0], splits[1], self.group, self._counter("dispatch"))
+        order_N = _expert_major_order(recv_PL)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
+        return x_NH.index_select(0, order_N), ep_plan, recv_PL.sum(0)
+
+    def combine(self, y_NH: Tensor, ep_plan: EPPlan, weights_Tk: Tensor) -> Tensor:
+        y_peer_NH = y_NH.index_select(0, ep_plan.to_peer_major_N)
+        y_RH = all_to_all_rows(y_peer_NH, ep_plan.recv_splits, ep_plan.send_splits, self.group, self._counter("combine"))
+        return ops.unpermute(y_RH, ep_plan.plan, weights_Tk)
+
+
+def expert_parallel_layer(cfg: MoEConfig, ep_group, stats_group) -> nn.Module:
+    """An MoELayer holding only this EP rank's experts; ``stats_group`` is the DP group (the ranks
+    whose tokens make up the global batch) so the routing losses see global sums."""
+    from .layer import MoELayer
+
+    dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group)
+    return MoELayer(cfg, dispatcher=dispatcher, num_local_experts=dispatcher.num_local_experts, stats_group=stats_group)
+
+
+@torch.no_grad()
+def load_expert_slice(module: nn.Module, full_state_dict: dict[str, Tensor], ep_rank: int) -> None:
+    """Load a single-process state dict into ``module`` whose :class:`GroupedExperts` hold only
+    experts ``[ep_rank·L, (ep_rank+1)·L)``; every other tensor is copied whole."""
+    expert_prefixes = tuple(f"{n}." if n else "" for n, m in module.named_modules() if isinstance(m, GroupedExperts))
+    local = module.state_dict()
+    out = {}
+    for name, t in local.items():
+        full = full_state_dict[name]
+        if name.startswith(expert_prefixes):
+            n = t.shape[0]
+            full = full[ep_rank * n : (ep_rank + 1) * n]
+        if full.shape != t.shape:
+            raise ValueError(f"{name}: the full state dict gives {tuple(full.shape)} for a local {tuple(t.shape)}")
+        out[name] = full
+    module.load_state_dict(out)

@@ -1,0 +1,34 @@
+"""Tensor parallelism (Megatron style): sharded linears, their collectives, expert TP, model rewrite,
+and the conversion between sharded and full state. The TP process group is always passed in."""
+
+from .collectives import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
+from .experts import TensorParallelGroupedExperts
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .parallelize import REPLICATED, check_tp_divisibility, parallelize_model
+from .sharding import ShardSpec, TPSharded
+from .state_dict import (
+    gather_full_grads,
+    gather_full_state_dict,
+    load_full_state_dict,
+    shard_state_dict,
+    tp_shard_specs,
+)
+
+__all__ = [
+    "copy_to_tp_region",
+    "reduce_from_tp_region",
+    "gather_from_tp_region",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "TensorParallelGroupedExperts",
+    "parallelize_model",
+    "check_tp_divisibility",
+    "REPLICATED",
+    "ShardSpec",
+    "TPSharded",
+    "tp_shard_specs",
+    "gather_full_state_dict",
+    "gather_full_grads",
+    "shard_state_dict",
+    "load_full_state_dict",
+]

@@ -1,0 +1,142 @@
+"""Rewrite a built ``MultimodalTransformer`` in place for tensor parallelism, following its ``tp_plan()``.
+
+What is sharded over the TP group:
+- attention: q/k/v column-parallel (whole heads per rank: each rank runs num_heads/W of them),
+  output projection row-parallel; q, k and v enter the TP region once, together;
+- dense FFN: ``up`` column-parallel (``colwise_gated``: gate and up halves split separately),
+  ``down`` row-parallel;
+- MoE FFN, only with ``expert_tp``: every routed expert split column/row over TP
+  (:class:`TensorParallelGroupedExperts`) and the shared experts like a dense FFN.
+
+What stays replicated (full copy on every TP rank): embeddings and ``lm_head`` (the tied token
+table included; vocab-parallel would also need a vocab-parallel cross-entropy), norms, the router,
+and without ``expert_tp`` the whole MoE layer. Every TP rank sees the same tokens and the collectives
+make activations and gradients outside the TP regions identical, so replicated parameters get
+identical gradients and stay in step; a data-parallel all-reduce must not also run over TP ranks.
+
+Every TP rank must have built the model from the same seed (the shards are cut from the full
+weights) and must keep drawing the same random numbers (dropout, noisy routing) on replicated data.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from ...models.attention import Attention
+from ...models.config import ModelConfig
+from ...models.transformer import MultimodalTransformer, TPStyle
+from ..config import check
+from ..moe.experts import MLP
+from ..moe.layer import MoELayer
+from .collectives import copy_to_tp_region
+from .experts import TensorParallelGroupedExperts
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .sharding import TPSharded
+
+__all__ = ["parallelize_model", "check_tp_divisibility", "REPLICATED"]
+
+REPLICATED = frozenset({"embed.tokens", "lm_head"})  # in tp_plan(), but kept whole on purpose
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _require_divides(tp: int, n: int, field: str, why: str) -> None:
+    check(
+        n % tp == 0,
+        "parallel.tp",
+        f"tp={tp} must divide {field}={n} ({why}); set parallel.tp to one of {_divisors(n)} "
+        f"or change {field} to a multiple of {tp}",
+    )
+
+
+def check_tp_divisibility(cfg: ModelConfig, tp: int, expert_tp: bool) -> None:
+    """Raise ConfigError (field ``parallel.tp``) unless every dimension split over TP divides evenly."""
+    check(tp >= 1, "parallel.tp", f"must be >= 1, got {tp}")
+    _require_divides(tp, cfg.hidden_size, "model.hidden_size", "q/k/v outputs and wo inputs are split over TP ranks")
+    _require_divides(tp, cfg.num_heads, "model.num_heads", "attention heads are split over TP ranks")
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+        _require_divides(tp, cfg.ffn_hidden_size, "model.ffn_hidden_size", "the dense FFN is split over TP ranks")
+    if expert_tp and cfg.moe_layers:
+        moe = cfg.moe
+        _require_divides(tp, moe.ffn_hidden_size, "model.moe.ffn_hidden_size",
+                         "expert tensor parallelism splits every expert's FFN over TP ranks")
+        if moe.num_shared_experts > 0:
+            width = moe.num_shared_experts * (moe.shared_ffn_hidden_size or moe.ffn_hidden_size)
+            field = "model.moe.shared_ffn_hidden_size" if moe.shared_ffn_hidden_size else "model.moe.ffn_hidden_size"
+            _require_divides(tp, width, f"the shared-expert width ({field} x num_shared_experts)",
+                             "expert tensor parallelism splits the shared experts too")
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _shard_linear(root: nn.Module, name: str, style: TPStyle, group: ProcessGroup) -> None:
+    linear = root.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"tp_plan names {name!r} as {style}, but it is a {type(linear).__name__}, not nn.Linear")
+    if style == "rowwise":
+        new: nn.Module = RowParallelLinear.from_full(linear, group)
+    elif style in ("colwise", "colwise_gated"):
+        new = ColumnParallelLinear.from_full(linear, group, chunks=2 if style == "colwise_gated" else 1)
+    else:
+        raise ValueError(f"unknown TP style {style!r} for {name!r}")
+    _replace(root, name, new)
+
+
+def _enter_tp_region_once(group: ProcessGroup):
+    """Forward pre-hook: the attention input enters the TP region here, once for q, k and v."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (copy_to_tp_region(args[0], group), *args[1:]), kwargs
+        x: Tensor = kwargs["x_BSD"]
+        return args, {**kwargs, "x_BSD": copy_to_tp_region(x, group)}
+
+    return hook
+
+
+def _localize_attention(attn: Attention, group: ProcessGroup, tp: int) -> None:
+    for proj in (attn.wq, attn.wk, attn.wv):
+        if not isinstance(proj, ColumnParallelLinear):
+            raise TypeError("tp_plan() must make q/k/v column-parallel before the heads are split over TP")
+        proj.copy_input = False
+    attn.num_heads //= tp
+    attn.register_forward_pre_hook(_enter_tp_region_once(group), with_kwargs=True)
+
+
+def _shard_mlp(mlp: MLP, group: ProcessGroup) -> None:
+    style: TPStyle = "colwise_gated" if mlp.activation == "swiglu" else "colwise"
+    _shard_linear(mlp, "up", style, group)
+    _shard_linear(mlp, "down", "rowwise", group)
+
+
+def _shard_moe(moe: MoELayer, group: ProcessGroup) -> None:
+    moe.experts = TensorParallelGroupedExperts.from_full(moe.experts, group)
+    if moe.shared is not None:
+        _shard_mlp(moe.shared, group)
+
+
+def parallelize_model(model: MultimodalTransformer, tp_group: ProcessGroup, expert_tp: bool = False) -> MultimodalTransformer:
+    """Shard ``model`` (built identically on every rank of ``tp_group``) in place; returns it.
+
+    ``expert_tp=False`` keeps MoE layers whole on every TP rank (no collective; expert parallelism
+    is what spreads experts); ``True`` splits each expert's FFN over TP as well.
+    """
+    if any(isinstance(m, TPSharded) for m in model.modules()):
+        raise ValueError("model is already tensor-parallel; parallelize_model runs once on a freshly built model")
+    tp = dist.get_world_size(tp_group)
+    check_tp_divisibility(model.cfg, tp, expert_tp)
+    for name, style in model.tp_plan().items():
+        if name not in REPLICATED:
+            _shard_linear(model, name, style, tp_group)
+    for block in model.layers:
+        _localize_attention(block.attn, tp_group, tp)
+        if block.is_moe and expert_tp:
+            _shard_moe(block.ffn, tp_group)
+    return model
