@@ -256,6 +256,8 @@ def grouped_mm(
     costs one host sync; a PermutePlan uses its padded offsets.
     """
     offsets = _offsets_list(counts_or_offsets, w_EKN.shape[0])
+    if offsets[0] != 0 or offsets[-1] != x_RK.shape[0] or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"grouped_mm: offsets must rise from 0 to {x_RK.shape[0]} rows, got {offsets}")
     if not HAS_EXTENSION:
         return grouped_mm_reference(x_RK, w_EKN, offsets)
     return torch.ops.modalmoe.grouped_mm(x_RK, w_EKN, offsets)

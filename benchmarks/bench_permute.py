@@ -10,7 +10,7 @@ fresh 32 MiB mmap on every call; ``--fresh-pages`` keeps glibc's defaults.
 
 Legend: T tokens, k slots per token, E experts, H hidden, R = T*k permuted rows.
 
-Run: ``python benchmarks/bench_permute.py [--tokens 16384 --top-k 2 --hidden 256 --experts 16 64]``
+Run: ``python benchmarks/bench_permute.py [--tokens 16384 --top-k 2 --hidden 256 --experts 16 64] [--grouped-mm]``
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["main", "time_interleaved"]
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int, rounds: int = 5
+    fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int, rounds: int = 10
 ) -> dict[str, tuple[float, float]]:
     """(median ms, min ms) per candidate. Each round gives every candidate a short warmed-up burst,
     so the allocator settles on its pattern while drift over the run hits all candidates alike."""
@@ -91,10 +91,44 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
     print(f"  {'':<44s} {'median':>9s} {'min':>9s}   clone/this (medians)")
     for name, (median, best) in ms.items():
         print(f"  {name:<44s} {median:6.3f} ms {best:6.3f} ms   {clone / median:5.2f}")
+    clone_min = ms["clone [T*k, H]"][1]
     print(f"  => bandwidth fraction (clone / op): permute {clone / permute_ms:.2f}, unpermute "
-          f"{clone / unpermute_ms:.2f}; speedup over the reference: permute "
+          f"{clone / unpermute_ms:.2f} (from minima: {clone_min / ms['permute (plan + gather)'][1]:.2f}, "
+          f"{clone_min / ms['unpermute (weighted)'][1]:.2f}); speedup over the reference: permute "
           f"{ms['ref permute (argsort plan + index_select)'][0] / permute_ms:.1f}x, unpermute "
           f"{ms['ref unpermute (index_select + index_add)'][0] / unpermute_ms:.1f}x")
+
+
+def bench_grouped_mm(R: int, K: int, N: int, E: int, *, warmup: int, repeats: int) -> None:
+    """Forward + backward of ops.grouped_mm vs one dense mm of the same rows and the naive cat loop."""
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.multinomial(torch.ones(E), R, replacement=True, generator=gen).bincount(minlength=E).tolist()
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    x_RK = torch.randn(R, K, generator=gen, requires_grad=True)
+    w_EKN = torch.randn(E, K, N, generator=gen, requires_grad=True)
+    w_KN = torch.randn(K, N, generator=gen, requires_grad=True)
+    g_RN = torch.randn(R, N, generator=gen)
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor], *params: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            for p in params:
+                p.grad = None
+            fn().backward(g_RN)
+
+        return run
+
+    timings = {
+        "dense mm [R, K] @ [K, N]": fwd_bwd(lambda: x_RK @ w_KN, x_RK, w_KN),
+        "grouped_mm": fwd_bwd(lambda: ops.grouped_mm(x_RK, w_EKN, counts), x_RK, w_EKN),
+        "naive cat([x_e @ w[e]])": fwd_bwd(lambda: ops.grouped_mm_reference(x_RK, w_EKN, offsets), x_RK, w_EKN),
+    }
+    ms = time_interleaved(timings, warmup=warmup, repeats=repeats)
+    dense = ms["dense mm [R, K] @ [K, N]"][0]
+    print(f"\ngrouped mm fwd+bwd R={R} K={K} N={N} E={E} float32")
+    for name, (median, best) in ms.items():
+        print(f"  {name:<44s} {median:7.2f} ms {best:7.2f} ms   this/dense = {median / dense:4.2f}")
 
 
 def main() -> None:
@@ -106,6 +140,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each burst")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per candidate")
     parser.add_argument("--fresh-pages", action="store_true", help="keep glibc's malloc defaults")
+    parser.add_argument("--grouped-mm", action="store_true", help="also time grouped_mm (R=T*k, K=H, N=2H)")
     args = parser.parse_args()
     if not args.fresh_pages:
         keep_freed_memory()
@@ -113,6 +148,10 @@ def main() -> None:
         raise SystemExit("modalmoe._C is not built; nothing to benchmark (see the warning above)")
     for E in args.experts:
         bench_case(args.tokens, args.top_k, args.hidden, E, warmup=args.warmup, repeats=args.repeats)
+    if args.grouped_mm:
+        for E in args.experts:
+            R = args.tokens * args.top_k
+            bench_grouped_mm(R, args.hidden, 2 * args.hidden, E, warmup=1, repeats=max(5, args.repeats // 4))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,17 @@
 // Legend: R rows grouped by expert, K in-features, N out-features, E experts.
 #include "permute.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <exception>
+#include <vector>
 
 namespace modalmoe {
 namespace {
@@ -20,6 +28,43 @@ void check_offsets(c10::IntArrayRef offsets, int64_t E, int64_t R) {
   }
 }
 
+// Runs fn(e) for every non-empty group. On CPU, groups holding at least 1/threads of the rows run
+// one after another with a multithreaded mm; the smaller ones run concurrently, one thread each,
+// largest first: many small GEMMs keep the cores busier that way than one threaded GEMM at a time.
+// Worker threads adopt the caller's thread-local state (dispatch keys below autograd, grad mode).
+template <typename Fn>
+void for_each_group(c10::IntArrayRef offsets, bool on_cpu, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1, R = offsets[E];
+  const int threads = on_cpu && !omp_in_parallel() ? at::get_num_threads() : 1;
+  std::vector<int64_t> small;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    if (threads == 1 || n * threads >= R) {
+      fn(e);
+    } else {
+      small.push_back(e);
+    }
+  }
+  if (small.empty()) return;
+  std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) {
+    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
+  });
+  const at::ThreadLocalState caller_state;
+  std::exception_ptr error;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (size_t i = 0; i < small.size(); ++i) {
+    try {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      fn(small[i]);
+    } catch (...) {
+#pragma omp critical(modalmoe_grouped_mm_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntArrayRef offsets) {
@@ -31,12 +76,11 @@ at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntA
   const int64_t E = w_EKN.size(0), R = x_RK.size(0);
   check_offsets(offsets, E, R);
   at::Tensor out_RN = at::empty({R, w_EKN.size(2)}, x_RK.options());
-  for (int64_t e = 0; e < E; ++e) {
+  for_each_group(offsets, x_RK.is_cpu(), [&](int64_t e) {
     const int64_t n = offsets[e + 1] - offsets[e];
-    if (n == 0) continue;
     at::Tensor out_e = out_RN.narrow(0, offsets[e], n);
     at::mm_out(out_e, x_RK.narrow(0, offsets[e], n), w_EKN.select(0, e));
-  }
+  });
   return out_RN;
 }
 
@@ -52,14 +96,13 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad
   check_offsets(offsets, E, R);
   at::Tensor dw_EKN = at::empty({E, x_RK.size(1), grad_RN.size(1)}, x_RK.options());
   for (int64_t e = 0; e < E; ++e) {
+    if (offsets[e + 1] == offsets[e]) dw_EKN.select(0, e).zero_();
+  }
+  for_each_group(offsets, x_RK.is_cpu(), [&](int64_t e) {
     const int64_t n = offsets[e + 1] - offsets[e];
     at::Tensor dw_e = dw_EKN.select(0, e);
-    if (n == 0) {
-      dw_e.zero_();
-      continue;
-    }
     at::mm_out(dw_e, x_RK.narrow(0, offsets[e], n).t(), grad_RN.narrow(0, offsets[e], n));
-  }
+  });
   return dw_EKN;
 }
 

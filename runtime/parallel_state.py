@@ -34,6 +34,7 @@ __all__ = [
     "deepspeed_group_name",
     "register_with_deepspeed",
     "mark_expert_params",
+    "deepspeed_moe_marker",
 ]
 
 GROUP_KINDS = ("tp", "dp", "ep", "edp")
@@ -143,11 +144,12 @@ class Layout:
             (hidden_size, "model.hidden_size"),
             (ffn_hidden_size, "model.ffn_hidden_size"),
         ):
+            fits = [d for d in _divisors(value) if self.world_size % d == 0]
             check(
                 value % self.tp == 0,
                 name,
                 f"{name.split('.')[-1]}={value} is not divisible by parallel.tp={self.tp}; tensor parallelism "
-                f"splits it evenly: use a multiple of {self.tp} or tp in {[d for d in _divisors(value) if self.world_size % d == 0]}",
+                f"splits it evenly: use a multiple of {self.tp} or tp in {fits}",
             )
         if num_experts > 0:
             self.validate_num_experts(num_experts)
@@ -339,3 +341,33 @@ def mark_expert_params(module: nn.Module, group_name: str) -> int:
         p.group_name = group_name
         n += 1
     return n
+
+
+def deepspeed_moe_marker(num_experts: int, ep: int, group_name: str) -> nn.Module:
+    """A parameter-free submodule that makes DeepSpeed 0.19's engine treat the model as MoE.
+
+    The engine sets ``has_moe_layers`` only when it finds an instance of
+    ``deepspeed.moe.layer.MoE`` (``_configure_distributed_model``); without it, parameters tagged
+    by :func:`mark_expert_params` crash the gradient all-reduce (``KeyError`` on ``group_name``
+    in ``_get_gradients_for_reduction``) and ZeRO 1/2 gets no expert-data-parallel groups.
+    Attach one to the model (``model.ds_moe_marker = ...``) before ``deepspeed.initialize``; its
+    ``set_deepspeed_parallelism`` does nothing (the groups come from :func:`register_with_deepspeed`)
+    and it is never called. DeepSpeed's own MoE checkpoint format is not supported through it.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # skip MoE.__init__: no gate, no experts, no groups
+            self.num_experts = num_experts
+            self.ep_size = ep
+            self.num_local_experts = num_experts // ep
+            self.expert_group_name = group_name
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            return None
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker only flags the model as MoE for DeepSpeed; it is not a layer")
+
+    return DeepSpeedMoEMarker()

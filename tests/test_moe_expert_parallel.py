@@ -9,6 +9,12 @@ Grads are then reduced as DeepSpeed does (dense: SUM over DP ÷ dp; expert: SUM 
 Tolerance, float32: every compared tensor must agree elementwise within rtol 1e-5 and
 atol 1e-5 × max|reference| (relative to the tensor's scale; summation orders differ).
 
+Capacity: with a capacity factor each rank caps each expert at ceil(cf · its own routed slots / E)
+and drops its own overflow (per-rank capacity, as in every EP system), which a single process on
+the global batch cannot reproduce. Those cases are compared with the single-process layer run on
+each shard separately (the aux loss, which never sees drops, still on the global batch); the
+dropless cases are compared with the single-process layer on the global batch.
+
 One spawn per world size runs every case and returns numpy arrays; the reference and the
 assertions run here in the test process.
 """
@@ -26,7 +32,7 @@ from dist_utils import run_distributed
 from modalmoe.runtime.distributed import all_reduce_sum, reduce_gradients
 from modalmoe.runtime.moe import MoEConfig, MoELayer
 from modalmoe.runtime.moe.ep_dispatch import expert_parallel_layer, load_expert_slice
-from modalmoe.runtime.parallel_state import Layout, ParallelState, mark_expert_params
+from modalmoe.runtime.parallel_state import Layout, ParallelState
 
 H, F, E, K = 16, 32, 4, 2
 B_GLOBAL, S = 4, 8
@@ -43,6 +49,9 @@ CASES: dict[str, dict] = {
     # per-rank capacity: compared with the single-process layer run on each rank's shard
     "capacity": dict(capacity_factor=1.0, lb_coef=0.01, z_loss_coef=1e-3),
     "capacity_modality": dict(router="modality", modality_capacity_factor=[0.75, 1.5], drop_policy="probability", lb_coef=0.01),
+    # all tokens are modality 0, whose experts live on EP rank 0, and the second half of the batch
+    # is padding: the last DP rank(s) send nothing, EP rank 1 receives nothing
+    "empty_rank": dict(router="modality_gate", modality_partition=[2, 2], lb_coef=0.01, z_loss_coef=1e-3),
 }
 PER_SHARD = {"capacity", "capacity_modality"}
 WORLDS = {2: dict(ep=2), 4: dict(ep=2)}
@@ -64,12 +73,15 @@ def _full_layer(kw: dict) -> MoELayer:
     return MoELayer(_cfg(kw))
 
 
-def _batch(seed: int):
+def _batch(seed: int, case: str = ""):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B_GLOBAL, S, H, generator=g)
     modality = torch.randint(0, 2, (B_GLOBAL, S), generator=g)
     mask = torch.rand(B_GLOBAL, S, generator=g) > 0.2
     target = torch.randn(B_GLOBAL, S, H, generator=g)
+    if case == "empty_rank":
+        modality.zero_()
+        mask[B_GLOBAL // 2 :] = False
     return x, modality, mask, target
 
 
@@ -92,7 +104,7 @@ def _ep_setup(world: int, ep: int, kw: dict):
     full = _full_layer(kw)
     layer = expert_parallel_layer(_cfg(kw), state.ep_group, stats_group=state.dp_group)
     load_expert_slice(layer, full.state_dict(), state.rank_in("ep"))
-    mark_expert_params(layer.experts, "ep_size_2")
+    assert all(p.allreduce is False and p.group_name == f"ep_size_{ep}" for p in layer.experts.parameters())
     return state, layer
 
 
@@ -105,7 +117,7 @@ def _parity_worker(rank: int, world: int, ep: int) -> dict:
     out = {}
     for name, kw in CASES.items():
         state, layer = _ep_setup(world, ep, kw)
-        x, modality, mask, target = (_shard(t, state) for t in _batch(seed=1))
+        x, modality, mask, target = (_shard(t, state) for t in _batch(seed=1, case=name))
         x.requires_grad_(True)
         y, aux = layer(x, modality, mask)
         (_task(y, target) + aux.loss).backward()
@@ -162,7 +174,7 @@ def _close(actual, expected, what: str, atol: float | None = None) -> None:
 def _reference(name: str, dp: int) -> dict:
     kw = CASES[name]
     layer = _full_layer(kw)
-    x, modality, mask, target = _batch(seed=1)
+    x, modality, mask, target = _batch(seed=1, case=name)
     x.requires_grad_(True)
     if name in PER_SHARD:
         b = B_GLOBAL // dp
@@ -218,7 +230,7 @@ def test_all_to_all_sends_only_real_rows(world):
     dp, ep = world, WORLDS[world]["ep"]
     b, L = B_GLOBAL // dp, E // ep
     results = _run(world)
-    for case in ("topk", "modality", "modality_gate"):
+    for case in ("topk", "modality", "modality_gate", "empty_rank"):
         idx = _reference(case, dp)["idx_Tk"]  # [B, S, k], -1 = not routed (incl. padding tokens)
         for rank, res in enumerate(results):
             r = res[case]
@@ -233,6 +245,8 @@ def test_all_to_all_sends_only_real_rows(world):
                 dispatch_fwd=sent * row, combine_fwd=recv * row, dispatch_bwd=recv * row, combine_bwd=sent * row
             ), (case, world, rank)
             assert sent < b * S * K  # padding tokens and modality_top_k=1 slots are not sent
+    empty = [res["empty_rank"]["bytes"] for res in results]
+    assert min(e["dispatch_fwd"] for e in empty) == 0 == min(e["combine_fwd"] for e in empty)
 
 
 @pytest.mark.parametrize("world", sorted(WORLDS))
@@ -276,3 +290,59 @@ def test_partitioned_router_entropy_grad_is_finite():
     y, aux = layer(x, modality, mask)
     (_task(y, target) + aux.loss).backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def _deepspeed_worker(rank: int, world: int, ep: int) -> dict:
+    """deepspeed.initialize on our groups: its grad reduction must equal ``reduce_gradients``."""
+    import deepspeed
+
+    from modalmoe.runtime.parallel_state import deepspeed_moe_marker, register_with_deepspeed
+
+    state = ParallelState.build(Layout(world, ep=ep))
+    name = register_with_deepspeed(state)
+    kw = CASES["topk"]
+    x, modality, mask, target = (_shard(t, state) for t in _batch(seed=1))
+
+    class Net(torch.nn.Module):
+        def __init__(self, marker: bool):
+            super().__init__()
+            self.moe = expert_parallel_layer(_cfg(kw), state.ep_group, stats_group=state.dp_group)
+            load_expert_slice(self.moe, _full_layer(kw).state_dict(), state.rank_in("ep"))
+            assert self.moe.experts.w1_EHF.group_name == name
+            if marker:
+                self.ds_moe_marker = deepspeed_moe_marker(E, ep, name)
+
+        def forward(self):
+            y, aux = self.moe(x, modality, mask)
+            return _task(y, target) + aux.loss
+
+    ours = Net(marker=False)
+    ours().backward()
+    reduce_gradients(ours.parameters(), state.dp_group, state.edp_group)
+    out = {}
+    for stage in (0, 2):
+        net = Net(marker=True)
+        engine, *_ = deepspeed.initialize(
+            model=net, model_parameters=list(net.parameters()), mpu=state.mpu,
+            config={"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": DS_LR}},
+                    "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True},
+        )
+        engine.backward(engine())
+        engine.step()
+        out[stage] = dict(has_moe_layers=engine.has_moe_layers, params={n: _np(p) for n, p in net.named_parameters()})
+    out["expected"] = {n: _np(p.detach() - DS_LR * p.grad) for n, p in ours.named_parameters()}
+    return out
+
+
+DS_LR = 10.0  # large, so the update dominates the parameters and is what gets compared
+
+
+def test_deepspeed_engine_uses_our_groups():
+    """4 ranks (dp 4 = ep 2 × edp 2), ZeRO 0 and 2: one SGD step through DeepSpeed equals our
+    reduction (dense: DP sum ÷ dp, expert: EDP sum ÷ dp) followed by the same step."""
+    pytest.importorskip("deepspeed")
+    for rank, res in enumerate(run_distributed(_deepspeed_worker, 4, 2, timeout=150)):
+        for stage in (0, 2):
+            assert res[stage]["has_moe_layers"], stage
+            for n, expected in res["expected"].items():
+                _close(res[stage]["params"][n], expected, f"{n} after a DeepSpeed step (ZeRO {stage}, rank {rank})")

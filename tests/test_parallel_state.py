@@ -3,11 +3,15 @@ field and the fix, and the real groups on 4 gloo ranks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.job_config import ParallelConfig
 from modalmoe.runtime.parallel_state import GROUP_KINDS, Layout, ParallelState, register_with_deepspeed
@@ -169,3 +173,30 @@ def test_real_groups_on_four_gloo_ranks():
         assert "`parallel`" in res["mismatch"] and "4 were launched" in res["mismatch"]
         ep_ranks = Layout(4, ep=2).group_ranks(rank)
         assert res["deepspeed"] == ("ep_size_2", True, True, True, 2, 2, ep_ranks["ep"].index(rank), ep_ranks["edp"], "ep_size_2")
+
+
+_INIT_FROM_ENV = """
+import torch, torch.distributed as dist
+from modalmoe.runtime.distributed import init_from_env
+rank, world = init_from_env()
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print(rank, world, dist.get_backend(), int(t))
+dist.destroy_process_group()
+"""
+
+
+def test_init_from_env_in_launched_processes():
+    """Two processes started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env)."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _INIT_FROM_ENV],
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert [o[0].split() for o in outs] == [["0", "2", "gloo", "3"], ["1", "2", "gloo", "3"]]

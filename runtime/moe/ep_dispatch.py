@@ -23,8 +23,10 @@ from torch import Tensor, nn
 
 from ... import ops
 from ..distributed import all_to_all_rows
+from ..parallel_state import deepspeed_group_name, mark_expert_params
 from .config import MoEConfig
 from .experts import GroupedExperts
+from .layer import MoELayer
 
 __all__ = ["AllToAllDispatcher", "EPPlan", "expert_parallel_layer", "load_expert_slice"]
 
@@ -44,16 +46,15 @@ class EPPlan:
         return self.plan.dropped
 
 
-def _expert_major_order(counts_PL: Tensor) -> Tensor:
+def _expert_major_order(counts_PL: Tensor, num_rows: int) -> Tensor:
     """Rows arrive as blocks (peer p, local expert l) in peer-major order; list, for each row of the
-    (l, p)-ordered buffer, the arriving row that fills it. O(N + P·L)."""
+    (l, p)-ordered buffer, the arriving row that fills it. O(N + P·L), no host sync."""
     P, L = counts_PL.shape
     start_PL = (counts_PL.flatten().cumsum(0) - counts_PL.flatten()).view(P, L)
     counts_LP, start_LP = counts_PL.t().flatten(), start_PL.t().flatten()
     dest_start_LP = counts_LP.cumsum(0) - counts_LP
-    n = int(counts_LP.sum())
-    shift_N = torch.repeat_interleave(start_LP - dest_start_LP, counts_LP, output_size=n)
-    return shift_N + torch.arange(n, device=counts_PL.device)
+    shift_N = torch.repeat_interleave(start_LP - dest_start_LP, counts_LP, output_size=num_rows)
+    return shift_N + torch.arange(num_rows, device=counts_PL.device)
 
 
 class AllToAllDispatcher:
@@ -99,7 +100,7 @@ class AllToAllDispatcher:
         self.meta_bytes += send_PL.numel() * send_PL.element_size()
         splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
         x_NH = all_to_all_rows(x_RH, splits[0], splits[1], self.group, self._counter("dispatch"))
-        order_N = _expert_major_order(recv_PL)
+        order_N = _expert_major_order(recv_PL, x_NH.shape[0])
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
@@ -111,13 +112,17 @@ class AllToAllDispatcher:
         return ops.unpermute(y_RH, ep_plan.plan, weights_Tk)
 
 
-def expert_parallel_layer(cfg: MoEConfig, ep_group, stats_group) -> nn.Module:
+def expert_parallel_layer(cfg: MoEConfig, ep_group, stats_group) -> MoELayer:
     """An MoELayer holding only this EP rank's experts; ``stats_group`` is the DP group (the ranks
-    whose tokens make up the global batch) so the routing losses see global sums."""
-    from .layer import MoELayer
+    whose tokens make up the global batch) so the routing losses see global sums.
 
+    The expert weights are tagged as expert parameters (``allreduce = False``, ``group_name``), so
+    DeepSpeed and :func:`~..distributed.reduce_gradients` reduce their grads over EDP, not DP.
+    """
     dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group)
-    return MoELayer(cfg, dispatcher=dispatcher, num_local_experts=dispatcher.num_local_experts, stats_group=stats_group)
+    layer = MoELayer(cfg, dispatcher=dispatcher, num_local_experts=dispatcher.num_local_experts, stats_group=stats_group)
+    mark_expert_params(layer.experts, deepspeed_group_name(dispatcher.ep_size))
+    return layer
 
 
 @torch.no_grad()
