@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,27 +65,52 @@ class CheckpointManager:
     def _name(self, step: int) -> str:
         return f"step_{step:08d}"
 
-    def save(self, step: int, files: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        """Write ``{file stem: state}`` as ``<stem>.pt`` files plus a manifest; publish atomically."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def save(
+        self,
+        step: int,
+        files: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+        *,
+        rank: int = 0,
+        barrier: Callable[[], None] | None = None,
+    ) -> Path:
+        """Write ``{file stem: state}`` as ``<stem>.pt`` files plus a manifest; publish atomically.
+
+        In a multi-process job every rank calls this with its own stems (e.g. ``rank00003``) and a
+        ``barrier`` over all ranks; rank 0 prepares the temporary folder, merges the per-rank
+        manifests and renames the folder into place once every rank has written.
+        """
+        sync = barrier or (lambda: None)
         final = self.dir / self._name(step)
-        tmp = self.dir / f".{self._name(step)}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        manifest: dict[str, Any] = {"step": step, "files": {}, "meta": meta or {}}
+        tmp = self.dir / f".{self._name(step)}.tmp"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        sync()
+        part: dict[str, Any] = {}
         for stem, state in files.items():
             path = tmp / f"{stem}.pt"
             torch.save(state, path)
-            manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._write_latest(final.name)
-        self._prune()
+            part[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        with open(tmp / f"manifest.part{rank:05d}.json", "w") as f:
+            json.dump(part, f)
+        sync()
+        if rank == 0:
+            manifest: dict[str, Any] = {"step": step, "files": {}, "meta": meta or {}}
+            for piece in sorted(tmp.glob("manifest.part*.json")):
+                manifest["files"].update(json.loads(piece.read_text()))
+                piece.unlink()
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._write_latest(final.name)
+            self._prune()
+        sync()
         return final
 
     def _write_latest(self, name: str) -> None:
@@ -125,12 +151,15 @@ class CheckpointManager:
         return manifest
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-        """Returns ({stem: state}, manifest) after verifying every file."""
+    def load(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", stems: list[str] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Returns ({stem: state} for ``stems`` (default: all), manifest) after verifying every file."""
         path = Path(path)
         manifest = cls.verify(path)
-        states = {
-            Path(name).stem: torch.load(path / name, map_location=map_location, weights_only=True)
-            for name in manifest["files"]
-        }
+        names = [n for n in manifest["files"] if stems is None or Path(n).stem in stems]
+        if stems is not None and len(names) != len(stems):
+            missing = sorted(set(stems) - {Path(n).stem for n in names})
+            raise CheckpointError(f"checkpoint {path} has no file for {missing}: it was written by a different layout")
+        states = {Path(n).stem: torch.load(path / n, map_location=map_location, weights_only=True) for n in names}
         return states, manifest

@@ -9,7 +9,7 @@ Chance is k / (number of distinct captions).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +25,10 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _identity(x):
+    return x
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -36,55 +40,77 @@ def evaluate(
     pad_id: int,
     vocab_size: int,
     dtype: torch.dtype = torch.float32,
+    dp_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    dp_min: Callable[[int], int] = _identity,
 ) -> dict[str, float]:
-    """Caption loss over ``max_batches`` batches; retrieval over the first ``retrieval_size`` samples."""
+    """Caption loss over ``max_batches`` batches; retrieval over the first ``retrieval_size`` samples.
+
+    In a data-parallel job each replica evaluates its own share: ``dp_min`` makes every rank run
+    the same number of forward passes (expert and tensor parallelism need them in step), and
+    ``dp_sum`` adds up the token sums and the retrieval hits.
+    """
     was_training = model.training
     model.eval()
-    nll_sum, n_tokens = 0.0, 0
-    token_counts = torch.zeros(vocab_size, dtype=torch.long)
-    pool_patches, pool_text, pool_mask = [], [], []
-    pooled = 0
-    for i, batch in enumerate(batches):
-        batch = batch.to(device)
-        if i < max_batches:
-            with _autocast(device, dtype):
-                out = model(batch)
-            n = int(out.num_text_tokens)
-            nll_sum += float(out.caption_loss) * n
-            n_tokens += n
-            targets = batch.text[:, 1:][batch.text_mask[:, 1:]]
-            token_counts += torch.bincount(targets.cpu(), minlength=vocab_size)[:vocab_size]
-        if pooled < retrieval_size:
-            take = min(retrieval_size - pooled, batch.patches.shape[0])
-            pool_patches.append(batch.patches[:take])
-            pool_text.append(batch.text[:take])
-            pool_mask.append(batch.text_mask[:take])
-            pooled += take
-        if i + 1 >= max_batches and pooled >= retrieval_size:
+    collected, pooled = [], 0
+    for batch in batches:
+        collected.append(batch)
+        pooled += batch.patches.shape[0]
+        if len(collected) >= max_batches and pooled >= retrieval_size:
             break
-    if n_tokens == 0:
+    n_loss = dp_min(min(len(collected), max_batches))
+    n_pool = dp_min(min(pooled, retrieval_size))
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    n_tokens = torch.zeros((), dtype=torch.float64)
+    token_counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in collected[:n_loss]:
+        batch = batch.to(device)
+        with _autocast(device, dtype):
+            out = model(batch)
+        n = out.num_text_tokens.double().cpu()
+        nll_sum += out.caption_loss.double().cpu() * n
+        n_tokens += n
+        targets = batch.text[:, 1:][batch.text_mask[:, 1:]]
+        token_counts += torch.bincount(targets.cpu(), minlength=vocab_size)[:vocab_size].double()
+    nll_sum, n_tokens, token_counts = dp_sum(nll_sum), dp_sum(n_tokens), dp_sum(token_counts)
+    if float(n_tokens) == 0:
         raise RuntimeError("the evaluation data yielded no caption tokens: check data.eval_shards")
-    caption_loss = nll_sum / n_tokens
-    p = token_counts.double() / token_counts.sum()
+    caption_loss = float(nll_sum / n_tokens)
+    p = token_counts / token_counts.sum()
     unigram = float(-(p[p > 0] * p[p > 0].log()).sum())
     result = {
         "caption_loss": caption_loss,
         "perplexity": math.exp(min(caption_loss, 50.0)),
         "unigram_loss": unigram,
     }
-    result.update(_retrieval(model, pool_patches, pool_text, pool_mask, pad_id, device, dtype))
+    if n_pool >= 5:
+        pool = _take(collected, n_pool)
+        result.update(_retrieval(model, *pool, pad_id, device, dtype, dp_sum))
     model.train(was_training)
     return result
 
 
-def _retrieval(model, patches, texts, masks, pad_id: int, device, dtype) -> dict[str, float]:
-    if not patches:
-        return {}
-    patches_N = torch.cat(patches)
+def _take(batches: list, n: int) -> tuple[list, list, list]:
+    patches, texts, masks, left = [], [], [], n
+    for b in batches:
+        if left <= 0:
+            break
+        take = min(left, b.patches.shape[0])
+        patches.append(b.patches[:take])
+        texts.append(b.text[:take])
+        masks.append(b.text_mask[:take])
+        left -= take
+    return patches, texts, masks
+
+
+def _retrieval(model, patches, texts, masks, pad_id: int, device, dtype, dp_sum) -> dict[str, float]:
+    patches_N = torch.cat(patches).to(device)
     L = max(t.shape[1] for t in texts)
-    text_N = torch.cat([torch.nn.functional.pad(t, (0, L - t.shape[1]), value=pad_id) for t in texts])
-    mask_N = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1]), value=False) for m in masks])
-    # distinct captions: several images may share one description
+    text_N = torch.cat([torch.nn.functional.pad(t, (0, L - t.shape[1]), value=pad_id) for t in texts]).to(device)
+    mask_N = torch.cat([torch.nn.functional.pad(m, (0, L - m.shape[1]), value=False) for m in masks]).to(device)
+    # score every (image, caption) pair, duplicates included, so that every rank runs the same
+    # number of passes; then keep one column per distinct caption
+    with _autocast(device, dtype):
+        scores_NN = model.caption_scores({"patches": patches_N}, {"text": text_N, "text_mask": mask_N}).float().cpu()
     keys = [tuple(row[m].tolist()) for row, m in zip(text_N.cpu(), mask_N.cpu())]
     distinct: dict[tuple, int] = {}
     first_row: list[int] = []
@@ -92,18 +118,15 @@ def _retrieval(model, patches, texts, masks, pad_id: int, device, dtype) -> dict
         if k not in distinct:
             distinct[k] = len(distinct)
             first_row.append(i)
-    cols = torch.tensor(first_row)
     target_N = torch.tensor([distinct[k] for k in keys])
-    with _autocast(device, dtype):
-        scores = model.caption_scores(
-            {"patches": patches_N}, {"text": text_N[cols], "text_mask": mask_N[cols]}
-        )
-    rec = recall_at_k(normalize_over_images(scores.float()).cpu(), target_N)
-    n_txt = len(distinct)
+    rec = recall_at_k(normalize_over_images(scores_NN[:, first_row]), target_N)
+    N, n_txt = len(keys), len(distinct)
+    sums = dp_sum(torch.tensor([rec["recall@1"] * N, rec["recall@5"] * N, N / n_txt, N * min(1.0, 5 / n_txt), N], dtype=torch.float64))
+    total = float(sums[4])
     return {
-        "retrieval_r1": rec["recall@1"],
-        "retrieval_r5": rec["recall@5"],
-        "retrieval_chance_r1": 1.0 / n_txt,
-        "retrieval_chance_r5": min(1.0, 5.0 / n_txt),
-        "retrieval_pool": float(len(keys)),
+        "retrieval_r1": float(sums[0]) / total,
+        "retrieval_r5": float(sums[1]) / total,
+        "retrieval_chance_r1": float(sums[2]) / total,
+        "retrieval_chance_r5": float(sums[3]) / total,
+        "retrieval_pool": float(N),
     }

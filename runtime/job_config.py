@@ -69,16 +69,24 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = -1  # -1 = whatever the world size leaves after tp and ep
+    dp: int = -1  # -1 = whatever the world size leaves after tp
     tp: int = 1
-    ep: int = 1
+    ep: int = 1  # carved out of dp: ep must divide dp
+    expert_tp: bool = False  # shard each expert over TP too (else experts stay whole on TP ranks)
     zero_stage: int = 0
+    # auto: DeepSpeed when the job has several processes, plain PyTorch for one
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
 
     def validate(self, prefix: str = "parallel") -> None:
         check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")
         check(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
         check(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (derived), got {self.dp}")
-        check(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+        check(
+            self.zero_stage in (0, 1, 2),
+            f"{prefix}.zero_stage",
+            f"must be 0, 1 or 2, got {self.zero_stage} (ZeRO-3 is not supported with MoE here: its parameter "
+            "partitioning is not proved against the single-process run; use 2)",
+        )
 
 
 @dataclass

@@ -18,8 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
 
 

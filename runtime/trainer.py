@@ -14,17 +14,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..models.config import IMAGE, TEXT
 from ..models.params import count_parameters
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
 from .data import Tokenizer, build_loader, check_vocab_size
+from .distributed import init_from_env
+from .engine import DeepSpeedEngine, TorchEngine
 from .evaluate import evaluate
 from .job_config import JobConfig
 from .metrics import MetricsWriter, get_logger
 from .moe.stats import RoutingStats, specialisation_index
-from .optim import build_optimizer, lr_lambda
+from .parallel_state import Layout, ParallelState
+from .parallelize import parallelize
 from .report import write_routing_report
 
 __all__ = ["Trainer", "MODALITY_NAMES"]
@@ -56,65 +60,136 @@ def check_run_dir(path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, *, dp_rank: int = 0, dp_size: int = 1, is_main: bool = True):
+    """One training job. Under several processes (launched by deepspeed, srun, mpirun or torchrun)
+    it validates the layout, joins the process group, shards the model and steps through DeepSpeed;
+    in one process it steps with plain PyTorch. ``train_data`` replaces the shard loader (tests)."""
+
+    def __init__(self, cfg: JobConfig, *, train_data=None):
         self.cfg = cfg
-        self.dp_rank, self.dp_size, self.is_main = dp_rank, dp_size, is_main
-        t = cfg.train
+        t, par = cfg.train, cfg.parallel
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        layout = Layout.from_config(par, world)
+        layout.validate_model(cfg.model.num_heads, cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.moe.num_experts)
+        use_deepspeed = par.engine == "deepspeed" or (par.engine == "auto" and world > 1)
+        if world > 1 and not use_deepspeed:
+            raise ConfigError("config field `parallel.engine`: a multi-process job steps through DeepSpeed; set it to auto or deepspeed")
         self.run_dir = t.resolved_run_dir
         check_run_dir(self.run_dir)
         if t.threads:
             torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
         self.device = _device(t.device)
         self.dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
 
+        self.state: ParallelState | None = None
+        self.rank = 0
+        if use_deepspeed:
+            self.rank, _ = init_from_env()
+            self.state = ParallelState.build(layout)
+        self.is_main = self.rank == 0
+        self.dp_rank = self.state.rank_in("dp") if self.state else 0
+        self.dp_size = self.state.size("dp") if self.state else 1
+        if self.is_main and self.state is not None:
+            log.info("parallel layout: %s", self.state.describe())
+
+        torch.manual_seed(t.seed)
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
         check_vocab_size(self.tokenizer, cfg.model.vocab_size)
-        self.model = cfg.model.build().to(self.device)
-        self.total_params, self.active_params = count_parameters(self.model)
-        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio)
+        model = cfg.model.build()
+        self.total_params, self.active_params = count_parameters(model)
+        if self.state is not None:
+            parallelize(model, self.state, expert_tp=par.expert_tp)
+        model.to(self.device)
+        if use_deepspeed:
+            self.engine = DeepSpeedEngine(model, t, cfg.data, par, self.state)
+        else:
+            self.engine = TorchEngine(model, t)
+        self.model = self.engine.module
+        torch.manual_seed(t.seed + 1 + self.dp_rank)  # per-replica randomness (noise, dropout) after the shared init
+        self.train_loader = train_data or build_loader(
+            cfg.data, split="train", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer
         )
-        self.train_loader = build_loader(cfg.data, split="train", dp_rank=dp_rank, dp_size=dp_size, tokenizer=self.tokenizer)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
-        self.metrics = MetricsWriter(self.run_dir, enabled=is_main, tensorboard=t.tensorboard)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=t.tensorboard)
         self.step = 0
         self.bad_counts: dict[str, int] = {}
         self.run_stats: list[RoutingStats] | None = None
 
+    # ---- collectives over the data-parallel group (no-ops in one process) --------------------
+
+    def _dp_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state is None or self.dp_size == 1:
+            return x
+        x = x.detach().clone().to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(x, group=self.state.dp_group)
+        return x.to(self.device)
+
+    def _dp_min(self, n: int) -> int:
+        if self.state is None or self.dp_size == 1:
+            return n
+        x = torch.tensor([n], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.state.dp_group)
+        return int(x)
+
+    def _reduce_stats(self, stats: list[RoutingStats]) -> list[RoutingStats]:
+        """Sum each layer's routing stats over the data-parallel replicas (in place)."""
+        if self.state is not None and self.dp_size > 1:
+            for s in stats:
+                for x in s.tensors():
+                    x.copy_(self._dp_sum(x))
+        return stats
+
+    def _barrier(self) -> None:
+        if self.state is not None:
+            dist.barrier()
+
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {
+    def _layout_meta(self) -> dict:
+        p = self.cfg.parallel
+        return {"world": int(os.environ.get("WORLD_SIZE", "1")) if self.state else 1,
+                "tp": p.tp, "ep": p.ep, "expert_tp": p.expert_tp, "zero_stage": p.zero_stage,
+                "engine": type(self.engine).__name__}
+
+    def _stem(self) -> str:
+        return f"rank{self.rank:05d}"
+
+    def save(self) -> Path:
+        state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
             "trainer": {
                 "step": self.step,
-                "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
                 "data": self.train_loader.state_dict(),
                 "bad_counts": dict(self.bad_counts),
             },
         }
-
-    def save(self) -> Path:
-        return self.checkpoints.save(self.step, self.state(), meta={"config": self.cfg.to_yaml()})
+        meta = {"config": self.cfg.to_yaml(), "layout": self._layout_meta()}
+        return self.checkpoints.save(self.step, {self._stem(): state}, meta=meta, rank=self.rank, barrier=self._barrier)
 
     def resume(self) -> bool:
         latest = self.checkpoints.latest()
         if latest is None:
             return False
-        states, _ = CheckpointManager.load(latest, map_location=self.device)
-        self.model.load_state_dict(states["model"])
-        self.optimizer.load_state_dict(states["optimizer"])
-        tr = states["trainer"]
-        self.scheduler.load_state_dict(tr["scheduler"])
+        manifest = CheckpointManager.verify(latest)
+        saved = manifest["meta"].get("layout")
+        if saved != self._layout_meta():
+            raise CheckpointError(
+                f"checkpoint {latest} was written with layout {saved}, this job runs {self._layout_meta()}; "
+                "resume with the same layout, or start a new run folder from a consolidated checkpoint "
+                "(modalmoe checkpoint consolidate)"
+            )
+        states, _ = CheckpointManager.load(latest, map_location=self.device, stems=[self._stem()])
+        st = states[self._stem()]
+        self.model.load_state_dict(st["model"])
+        self.engine.load_state_dict(st["engine"])
+        tr = st["trainer"]
         self.train_loader.load_state_dict(tr["data"])
         self.bad_counts = dict(tr["bad_counts"])
         set_rng_state(tr["rng"])
         self.step = int(tr["step"])
-        log.info("resumed from %s at step %d", latest, self.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", latest, self.step)
         return True
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -123,29 +198,33 @@ class Trainer:
         return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self, batch) -> tuple[dict[str, float], list[RoutingStats], int]:
+        """One optimizer step. The caption loss is normalised by the global number of caption
+        tokens, so every layout computes the gradient of the same global-batch objective."""
         batch = batch.to(self.device)
         with self._autocast():
             out = self.model(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        clip = self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        n_local = out.num_text_tokens.detach().float()
+        n_global = self._dp_sum(n_local).clamp_min(1)
+        scale = n_local * self.dp_size / n_global
+        loss = out.caption_loss * scale + (out.loss - out.caption_loss)
+        self.engine.backward(loss)
+        grad_norm = self.engine.step()
+        caption = self._dp_sum(out.caption_loss.detach() * n_local) / n_global
+        extra = (out.loss - out.caption_loss).detach()
         scalars = {
-            "loss": float(out.loss.detach()),
-            "caption_loss": float(out.caption_loss.detach()),
+            "loss": float(caption + extra),
+            "caption_loss": float(caption),
             "aux_loss": float(out.aux_loss.detach()),
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
         }
         if out.contrastive_loss is not None:
-            scalars["contrastive_loss"] = float(out.contrastive_loss.detach())
-        tokens = int(batch.mask.sum())
+            scalars["contrastive_loss"] = float(self._dp_sum(out.contrastive_loss.detach()) / self.dp_size)
+        tokens = int(self._dp_sum(batch.mask.sum()))
         return scalars, out.moe_stats, tokens
 
     def _window_metrics(self, sums: dict[str, float], n: int, stats: list[RoutingStats], tokens: int, seconds: float) -> dict:
         m = {k: v / n for k, v in sums.items()}
-        m["lr"] = self.scheduler.get_last_lr()[0]
+        m["lr"] = self.engine.lr
         m["tokens_per_s"] = tokens / max(seconds, 1e-9)
         if stats:
             m["balance"] = sum(s.balance() for s in stats) / len(stats)
@@ -197,6 +276,7 @@ class Trainer:
             if not math.isfinite(scalars["loss"]):
                 raise FloatingPointError(f"non-finite loss {scalars['loss']} at step {self.step}; lower train.lr or check the data")
             if self.step % t.log_every == 0 or self.step == t.steps:
+                window = self._reduce_stats(window)
                 m = self._window_metrics(sums, n, window, tokens, time.perf_counter() - t0)
                 self.metrics.write(self.step, "train", m)
                 if progress is not None:
@@ -230,6 +310,7 @@ class Trainer:
         result = evaluate(
             self.model, loader, self.device, max_batches=t.eval_batches, retrieval_size=t.retrieval_size,
             pad_id=self.tokenizer.pad_id, vocab_size=self.cfg.model.vocab_size, dtype=self.dtype,
+            dp_sum=self._dp_sum, dp_min=self._dp_min,
         )
         self.metrics.write(self.step, "eval", result)
         if self.is_main:

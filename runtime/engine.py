@@ -1,0 +1,168 @@
+"""The step engine: plain PyTorch for one process, DeepSpeed (ZeRO 0/1/2) for a parallel job.
+
+Both expose ``backward(loss)``, ``step() -> grad_norm``, ``lr`` and optimizer state, so the trainer
+does not care which it has. The gradient norm is the true global one: TP shards summed over TP,
+each expert counted once (summed over EP, never averaged over EP ranks as DeepSpeed's ZeRO-0
+clipping does), replicated parameters once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import is_expert_param
+from .metrics import get_logger
+from .optim import lr_lambda, param_groups
+from .parallel_state import ParallelState, deepspeed_moe_marker, register_with_deepspeed
+from .parallelize import expert_group_name, moe_layers
+
+__all__ = ["TorchEngine", "DeepSpeedEngine", "global_grad_norm", "deepspeed_config"]
+
+log = get_logger("modalmoe.engine")
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, state: ParallelState | None, expert_tp: bool = False) -> torch.Tensor:
+    """L2 norm of the whole model's (already data-parallel-reduced) gradient, identical on every rank."""
+    sq = torch.zeros(3, dtype=torch.float64)  # [replicated, TP-sharded, expert]
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g2 = p.grad.detach().double().pow(2).sum().cpu()
+        if is_expert_param(p):
+            sq[2] += g2
+        elif getattr(p, "tensor_model_parallel", False):
+            sq[1] += g2
+        else:
+            sq[0] += g2
+    if state is not None and dist.is_initialized():
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tp_part = sq[1:2].to(device)
+        if state.size("tp") > 1:
+            dist.all_reduce(tp_part, group=state.tp_group)
+        ex = sq[2:3].to(device)
+        if state.size("ep") > 1:
+            dist.all_reduce(ex, group=state.ep_group)
+        if expert_tp and state.size("tp") > 1:
+            dist.all_reduce(ex, group=state.tp_group)
+        sq = torch.stack([sq[0], tp_part.cpu()[0], ex.cpu()[0]])
+    return sq.sum().sqrt().float()
+
+
+@torch.no_grad()
+def _clip_(model: nn.Module, norm: torch.Tensor, max_norm: float) -> None:
+    if max_norm > 0 and math.isfinite(float(norm)):
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+
+class TorchEngine:
+    """One process, no DeepSpeed: AdamW + warmup/cosine + clipping."""
+
+    def __init__(self, model: nn.Module, train_cfg, state: ParallelState | None = None):
+        t = train_cfg
+        self.module = model
+        self.state = state
+        self.grad_clip = t.grad_clip
+        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> float:
+        norm = global_grad_norm(self.module, self.state)
+        _clip_(self.module, norm, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+
+
+def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the config tree (never kept by hand beside it)."""
+    zero = parallel_cfg.zero_stage
+    return {
+        "train_micro_batch_size_per_gpu": data_cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": data_cfg.batch_size * dp_size,
+        # ZeRO-0 clipping in DeepSpeed averages per-rank norms (wrong under EP): we clip ourselves
+        "gradient_clipping": train_cfg.grad_clip if zero > 0 else 0.0,
+        "zero_optimization": {"stage": zero},
+        "bf16": {"enabled": train_cfg.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine on our process groups, with our experts tagged for EDP reduction."""
+
+    def __init__(self, model: nn.Module, train_cfg, data_cfg, parallel_cfg, state: ParallelState):
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        t = train_cfg
+        self.state = state
+        self.zero_stage = parallel_cfg.zero_stage
+        self.expert_tp = parallel_cfg.expert_tp
+        self.grad_clip = t.grad_clip
+        layers = moe_layers(model)
+        register_with_deepspeed(state)
+        if layers:
+            model.ds_moe_marker = deepspeed_moe_marker(layers[0].cfg.num_experts, state.size("ep"), expert_group_name(state))
+        groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, t.weight_decay))
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(t, data_cfg, parallel_cfg, state.size("dp")),
+            mpu=state.mpu,
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        if self.zero_stage == 0:
+            norm = float(global_grad_norm(self.module, self.state, self.expert_tp))
+            _clip_(self.module, torch.tensor(norm), self.grad_clip)
+            self.engine.step()
+            return norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
