@@ -1,4 +1,4 @@
-"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``.
+"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``, ``checkpoint consolidate``.
 
 Every launcher (plain python, deepspeed, srun, mpirun) ends here. Bad flags and configs stop with
 ``error: ...`` naming the field and the fix, before any data is read or process group created.
@@ -44,6 +44,22 @@ def _data_parser(sub) -> None:
     c.add_argument("--captions", required=True, help="CSV with columns file,caption or JSONL with {file, caption}")
     c.add_argument("--out", required=True, help="output shard pattern, e.g. shards/train-%%06d.tar")
     c.add_argument("--samples-per-shard", type=int, default=1000)
+
+
+def _checkpoint_parser(sub) -> None:
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_cmd", required=True)
+    c = csub.add_parser("consolidate", help="gather a checkpoint of any layout into one safetensors file (+ config)")
+    c.add_argument("checkpoint", help="a step_* folder, or a checkpoints/ folder (its latest)")
+    c.add_argument("--out", required=True, help="output folder: model.safetensors, optimizer.safetensors, config.yaml")
+
+
+def _checkpoint(args) -> int:
+    from ..runtime.consolidate import consolidate
+
+    out = consolidate(args.checkpoint, args.out)
+    print(f"wrote {out}/model.safetensors; start a run of any layout from it with --set train.init_from={out}")
+    return 0
 
 
 def _resolve_config_path(args) -> Path:
@@ -110,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
     _data_parser(sub)
+    _checkpoint_parser(sub)
     args = parser.parse_args(argv)
+    from ..runtime.checkpoint import CheckpointError
     from ..runtime.config import ConfigError
 
     try:
-        return {"train": _train, "data": _data}[args.cmd](args)
-    except ConfigError as e:
+        return {"train": _train, "data": _data, "checkpoint": _checkpoint}[args.cmd](args)
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -63,6 +63,15 @@ def _clip_(model: nn.Module, norm: torch.Tensor, max_norm: float) -> None:
                     p.grad.mul_(coef)
 
 
+def _set_schedule_step(scheduler, step: int) -> None:
+    """Put a LambdaLR at ``step`` without stepping the optimizer (a run continued from elsewhere)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class TorchEngine:
     """One process, no DeepSpeed: AdamW + warmup/cosine + clipping."""
 
@@ -88,6 +97,9 @@ class TorchEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def set_schedule_step(self, step: int) -> None:
+        _set_schedule_step(self.scheduler, step)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -159,6 +171,9 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def set_schedule_step(self, step: int) -> None:
+        _set_schedule_step(self.scheduler, step)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -41,6 +41,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run folder's latest checkpoint if there is one
+    init_from: str = ""  # a folder from `modalmoe checkpoint consolidate`: start from it, any layout
     progress: bool = True
     tensorboard: bool = True
     report: bool = True

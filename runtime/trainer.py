@@ -20,6 +20,7 @@ from ..models.config import IMAGE, TEXT
 from ..models.params import count_parameters
 from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
+from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
 from .distributed import init_from_env
 from .engine import DeepSpeedEngine, TorchEngine
@@ -30,6 +31,7 @@ from .moe.stats import RoutingStats, specialisation_index
 from .parallel_state import Layout, ParallelState
 from .parallelize import parallelize
 from .report import write_routing_report
+from .tensor_parallel import tp_shard_specs
 
 __all__ = ["Trainer", "MODALITY_NAMES"]
 
@@ -96,6 +98,9 @@ class Trainer:
         check_vocab_size(self.tokenizer, cfg.model.vocab_size)
         model = cfg.model.build()
         self.total_params, self.active_params = count_parameters(model)
+        init = load_consolidated(t.init_from) if t.init_from else None
+        if init is not None:
+            model.load_state_dict(init[0])
         if self.state is not None:
             parallelize(model, self.state, expert_tp=par.expert_tp)
         model.to(self.device)
@@ -104,15 +109,46 @@ class Trainer:
         else:
             self.engine = TorchEngine(model, t)
         self.model = self.engine.module
+        self.step = 0
+        if init is not None:
+            self._continue_from(init)
         torch.manual_seed(t.seed + 1 + self.dp_rank)  # per-replica randomness (noise, dropout) after the shared init
         self.train_loader = train_data or build_loader(
             cfg.data, split="train", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=t.tensorboard)
-        self.step = 0
         self.bad_counts: dict[str, int] = {}
         self.run_stats: list[RoutingStats] | None = None
+
+    def _continue_from(self, init) -> None:
+        """After ``train.init_from``: restore the step, the LR schedule and, when the consolidated
+        checkpoint has them, Adam's moments, sharded for this layout exactly like the weights."""
+        _, moments, info = init
+        self.step = int(info["step"])
+        opt = self.engine.optimizer
+        if moments is not None and isinstance(getattr(opt, "state", None), dict) and self.cfg.parallel.zero_stage == 0:
+            shards = {}
+            for kind in ("exp_avg", "exp_avg_sq"):
+                holder = self.cfg.model.build()
+                with torch.no_grad():
+                    for name, p in holder.named_parameters():
+                        p.copy_(moments[kind][name])
+                if self.state is not None:
+                    parallelize(holder, self.state, expert_tp=self.cfg.parallel.expert_tp)
+                shards[kind] = dict(holder.named_parameters())
+            for name, p in self.model.named_parameters():
+                opt.state[p] = {
+                    "step": moments["step"][name].reshape(()).clone(),
+                    "exp_avg": shards["exp_avg"][name].detach().to(p.device).clone(),
+                    "exp_avg_sq": shards["exp_avg_sq"][name].detach().to(p.device).clone(),
+                }
+        elif self.is_main:
+            log.warning("train.init_from %s: optimizer moments not restored (not in the checkpoint, or ZeRO %d); Adam restarts",
+                        self.cfg.train.init_from, self.cfg.parallel.zero_stage)
+        self.engine.set_schedule_step(self.step)
+        if self.is_main:
+            log.info("initialised from %s (step %d of %s)", self.cfg.train.init_from, self.step, info.get("layout"))
 
     # ---- collectives over the data-parallel group (no-ops in one process) --------------------
 
@@ -164,7 +200,9 @@ class Trainer:
                 "bad_counts": dict(self.bad_counts),
             },
         }
-        meta = {"config": self.cfg.to_yaml(), "layout": self._layout_meta()}
+        state["named_optimizer"] = named_optimizer_state(self.model, self.engine.optimizer)
+        tp_specs = tp_shard_specs(self.model) if self.state is not None and self.state.size("tp") > 1 else {}
+        meta = {"config": self.cfg.to_yaml(), "layout": self._layout_meta(), "shards": shard_layout_meta(self.model, tp_specs)}
         return self.checkpoints.save(self.step, {self._stem(): state}, meta=meta, rank=self.rank, barrier=self._barrier)
 
     def resume(self) -> bool:

@@ -13,88 +13,16 @@ by a few ulps; over these 20 Adam steps that stayed inside 1e-5 in every layout.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from dist_utils import run_distributed
+from parity_utils import STEPS, data_overrides, train_run
 
 from modalmoe.runtime.data import make_demo
-from modalmoe.runtime.data.batch import Batch
-from modalmoe.runtime.job_config import load_job_config
 
-STEPS = 20
-GLOBAL_BATCH = 8
 RTOL = 1e-5
 NORM_RTOL = 1e-4  # a norm of float32 grads summed in another order: a few ulps of each term
-MODEL = [
-    "model.vocab_size=32", "model.hidden_size=32", "model.num_heads=4", "model.num_layers=2",
-    "model.ffn_hidden_size=64", "model.moe_every=2", "model.moe.ffn_hidden_size=32",
-    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.lb_coef=0.01", "model.moe.z_loss_coef=0.001",
-    "model.image_size=16", "data.image_size=16", "model.patch_size=8", "data.patch_size=8",
-    "model.max_text_len=12", "data.max_text_len=12",
-    "train.steps=20", "train.log_every=1", "train.warmup_steps=3", "train.lr=3e-3", "train.grad_clip=0.5",
-    "train.progress=false", "train.tensorboard=false", "train.report=false", "train.threads=1",
-    "data.eval_shards=[]", "data.num_workers=0",
-]
-
-
-class FixedBatches:
-    """This replica's slice of a fixed list of global batches; resumable like the shard loader."""
-
-    def __init__(self, batches: list[Batch], dp_rank: int, dp_size: int):
-        per = GLOBAL_BATCH // dp_size
-        self.batches = [_slice(b, dp_rank * per, (dp_rank + 1) * per) for b in batches]
-        self.i = 0
-
-    def __iter__(self):
-        while self.i < len(self.batches):
-            self.i += 1
-            yield self.batches[self.i - 1]
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.i = sd["i"]
-
-
-def _slice(b: Batch, lo: int, hi: int) -> Batch:
-    return Batch(b.patches[lo:hi], b.text[lo:hi], b.text_mask[lo:hi], b.modality[lo:hi], b.mask[lo:hi], b.keys[lo:hi])
-
-
-def _global_batches(seed: int = 0) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    P, D, L = 4, 8 * 8 * 3, 12
-    out = []
-    for step in range(STEPS):
-        lengths = torch.randint(4, L + 1, (GLOBAL_BATCH,), generator=g)
-        text = torch.randint(4, 32, (GLOBAL_BATCH, L), generator=g)
-        text[:, 0] = 2
-        mask = torch.arange(L)[None] < lengths[:, None]
-        text[torch.arange(GLOBAL_BATCH), lengths - 1] = 3
-        text = text.masked_fill(~mask, 0)
-        patches = torch.randn(GLOBAL_BATCH, P, D, generator=g)
-        modality = torch.cat([torch.zeros(GLOBAL_BATCH, P, dtype=torch.long), torch.ones(GLOBAL_BATCH, L, dtype=torch.long)], 1)
-        full_mask = torch.cat([torch.ones(GLOBAL_BATCH, P, dtype=torch.bool), mask], 1)
-        out.append(Batch(patches, text, mask, modality, full_mask, [f"{step}-{i}" for i in range(GLOBAL_BATCH)]))
-    return out
-
-
-def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[tuple[float, float]] | None:
-    from modalmoe.runtime.trainer import Trainer
-
-    cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}"]).validate()
-    dp = world // cfg.parallel.tp
-    tp_rank_stride = cfg.parallel.tp
-    trainer = Trainer(cfg, train_data=FixedBatches(_global_batches(), rank // tp_rank_stride, dp))
-    trainer.fit()
-    if rank != 0:
-        return None
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["loss"], r["grad_norm"]) for r in rows if r["split"] == "train"]
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
@@ -103,14 +31,10 @@ def demo(tmp_path_factory) -> Path:
     return d
 
 
-def _data_overrides(demo: Path) -> list[str]:
-    return [f"data.train_shards=[{demo}/train-000000.tar]", f"data.tokenizer={demo}/tokenizer.model"]
-
-
 @pytest.fixture(scope="module")
 def reference(demo, tmp_path_factory) -> list[tuple[float, float]]:
-    curve = _train(0, 1, _data_overrides(demo), str(tmp_path_factory.mktemp("single")))
-    assert len(curve) == STEPS and curve[-1][0] < curve[0][0]
+    curve = train_run(0, 1, data_overrides(demo), str(tmp_path_factory.mktemp("single")))
+    assert len(curve) == STEPS and curve[-1][1] < curve[0][1]
     return curve
 
 
@@ -128,10 +52,10 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, demo, reference, tmp_path):
     world, overrides = LAYOUTS[name]
-    results = run_distributed(_train, world, _data_overrides(demo) + overrides, str(tmp_path / "run"), timeout=300)
+    results = run_distributed(train_run, world, data_overrides(demo) + overrides, str(tmp_path / "run"), timeout=300)
     curve = results[0]
     assert len(curve) == STEPS
-    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(curve, reference), start=1):
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(curve, reference):
         assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), f"{name}: step {step} loss {loss!r} vs single-process {ref_loss!r}"
         # the clipped-by norm: each expert counted once, TP shards summed, replicas not double-counted
         assert abs(norm - ref_norm) <= NORM_RTOL * ref_norm, f"{name}: step {step} grad norm {norm!r} vs {ref_norm!r}"
