@@ -30,6 +30,7 @@ from .metrics import MetricsWriter, get_logger
 from .moe.stats import RoutingStats, specialisation_index
 from .parallel_state import Layout, ParallelState
 from .parallelize import parallelize
+from .preemption import Preempted, agreed_signal
 from .report import write_routing_report
 from .tensor_parallel import tp_shard_specs
 
@@ -113,7 +114,7 @@ class Trainer:
         if init is not None:
             self._continue_from(init)
         torch.manual_seed(t.seed + 1 + self.dp_rank)  # per-replica randomness (noise, dropout) after the shared init
-        self.train_loader = train_data or build_loader(
+        self.train_loader = train_data if train_data is not None else build_loader(
             cfg.data, split="train", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
@@ -327,6 +328,11 @@ class Trainer:
                 self.evaluate()
             if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
                 self.save()
+            if self.step < t.steps and (signum := agreed_signal()):
+                saved = bool(t.save_every) and self.step % t.save_every == 0
+                ckpt = self.checkpoints.latest() if saved else self.save()
+                self.metrics.close()
+                raise Preempted(signum, self.step, ckpt)
         if progress is not None:
             progress.close()
         final = self.evaluate()

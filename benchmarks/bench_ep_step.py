@@ -1,0 +1,106 @@
+"""Smoke-model training step on CPU: EP=2 over EP=1 at equal tokens per rank, side by side.
+
+Both runs start under ``torchrun`` (1 and 2 processes, one intra-op thread per rank so the two ranks
+of the EP=2 run do not share cores with each other) and time ``Trainer.train_step`` on the same
+synthetic batches (B samples per rank, 16 image patches + up to 24 caption tokens each). The
+EP=2 step includes what expert parallelism costs: the all-to-alls, the data-parallel gradient
+all-reduce of the dense weights and DeepSpeed's step. The median of the timed steps is reported.
+Then the dispatch-bytes benchmark (``bench_dispatch_bytes.py``) prints modalmoe's all-to-all bytes
+over DeepSpeed-MoE's padded ones at capacity factor 1.25.
+
+    python benchmarks/bench_ep_step.py [--batch 16] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _batches(n: int, batch: int, seed: int):
+    from modalmoe.runtime.data.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    P, D, L = 16, 8 * 8 * 3, 24
+    for _ in range(n):
+        lengths = torch.randint(8, L + 1, (batch,), generator=g)
+        text = torch.randint(4, 22, (batch, L), generator=g)
+        mask = torch.arange(L)[None] < lengths[:, None]
+        text = text.masked_fill(~mask, 0)
+        modality = torch.cat([torch.zeros(batch, P, dtype=torch.long), torch.ones(batch, L, dtype=torch.long)], 1)
+        yield Batch(torch.randn(batch, P, D, generator=g), text, mask, modality,
+                    torch.cat([torch.ones(batch, P, dtype=torch.bool), mask], 1), [""] * batch)
+
+
+def worker(args) -> None:
+    from modalmoe.models.presets import preset_path
+    from modalmoe.runtime.job_config import load_job_config
+    from modalmoe.runtime.trainer import Trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    overrides = [
+        f"data.train_shards=[{args.demo}/train-000000.tar]", f"data.tokenizer={args.demo}/tokenizer.model",
+        "data.eval_shards=[]", f"data.batch_size={args.batch}", f"parallel.ep={args.ep}",
+        f"train.run_dir={args.run_dir}", "train.progress=false", "train.tensorboard=false", "train.threads=1",
+        f"train.steps={args.steps + 3}",
+    ]
+    cfg = load_job_config(preset_path("smoke"), overrides).validate()
+    trainer = Trainer(cfg, train_data=[])
+    times = []
+    for i, b in enumerate(_batches(args.steps + 3, args.batch, seed=rank)):
+        t0 = time.perf_counter()
+        trainer.train_step(b)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        print("RESULT " + json.dumps({"ep": args.ep, "median_s": statistics.median(times)}), flush=True)
+
+
+def run(ep: int, batch: int, steps: int, demo: str, tmp: str) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ep}",
+           str(Path(__file__).resolve()), "--worker", f"--ep={ep}", f"--batch={batch}", f"--steps={steps}",
+           f"--demo={demo}", f"--run-dir={tmp}/run-ep{ep}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"EP={ep} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])["median_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16, help="samples per rank")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--demo", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    from modalmoe.runtime.data import make_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo(f"{tmp}/demo", n_train=64, n_eval=16, samples_per_shard=64)
+        t1 = run(1, args.batch, args.steps, f"{tmp}/demo", tmp)
+        t2 = run(2, args.batch, args.steps, f"{tmp}/demo", tmp)
+    tokens = args.batch * 40
+    print(f"smoke model, {args.batch} samples (~{tokens} tokens) per rank, 1 thread per rank, median of {args.steps} steps")
+    print(f"EP=1: {t1 * 1e3:.1f} ms/step | EP=2: {t2 * 1e3:.1f} ms/step | EP=2 / EP=1 = {t2 / t1:.2f} (target <= 1.3)")
+    subprocess.run([sys.executable, str(HERE / "bench_dispatch_bytes.py"), "--ep", "2"], check=True)
+
+
+if __name__ == "__main__":
+    main()
