@@ -243,12 +243,14 @@ class Trainer:
         with self._autocast():
             out = self.model(batch)
         n_local = out.num_text_tokens.detach().float()
-        n_global = self._dp_sum(n_local).clamp_min(1)
+        # one all-reduce for [caption tokens, caption nll sum, real tokens]
+        totals = self._dp_sum(torch.stack([n_local, out.caption_loss.detach().float() * n_local, batch.mask.sum().float()]))
+        n_global = totals[0].clamp_min(1)
         scale = n_local * self.dp_size / n_global
         loss = out.caption_loss * scale + (out.loss - out.caption_loss)
         self.engine.backward(loss)
         grad_norm = self.engine.step()
-        caption = self._dp_sum(out.caption_loss.detach() * n_local) / n_global
+        caption = totals[1] / n_global
         extra = (out.loss - out.caption_loss).detach()
         scalars = {
             "loss": float(caption + extra),
@@ -258,8 +260,7 @@ class Trainer:
         }
         if out.contrastive_loss is not None:
             scalars["contrastive_loss"] = float(self._dp_sum(out.contrastive_loss.detach()) / self.dp_size)
-        tokens = int(self._dp_sum(batch.mask.sum()))
-        return scalars, out.moe_stats, tokens
+        return scalars, out.moe_stats, int(totals[2])
 
     def _window_metrics(self, sums: dict[str, float], n: int, stats: list[RoutingStats], tokens: int, seconds: float) -> dict:
         m = {k: v / n for k, v in sums.items()}
