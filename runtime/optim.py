@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule for the single-process and DeepSpeed paths alike."""
+"""Optimizer parameter groups and the learning-rate schedule, shared by both engines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "lr_lambda"]
+__all__ = ["param_groups", "lr_lambda"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,10 +21,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=1e-8)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
