@@ -227,7 +227,7 @@ def test_forward_backward_parity(world, case):
 @pytest.mark.parametrize("world", sorted(WORLDS))
 def test_all_to_all_sends_only_real_rows(world):
     """Dropless: a rank sends exactly its routed real slots, never capacity padding."""
-    dp, ep = world, WORLDS[world]["ep"]
+    ep = WORLDS[world]["ep"]
     b, L = B_GLOBAL // dp, E // ep
     results = _run(world)
     for case in ("topk", "modality", "modality_gate", "empty_rank"):
@@ -252,7 +252,7 @@ def test_all_to_all_sends_only_real_rows(world):
 @pytest.mark.parametrize("world", sorted(WORLDS))
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_training_steps_parity(world, opt_name):
-    dp, ep = world, WORLDS[world]["ep"]
+    ep = WORLDS[world]["ep"]
     layer = _full_layer(TRAIN_CASE)
     opt = _optimizer(opt_name, layer.parameters())
     ref_losses = []
