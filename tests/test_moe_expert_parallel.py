@@ -227,7 +227,7 @@ def test_forward_backward_parity(world, case):
 @pytest.mark.parametrize("world", sorted(WORLDS))
 def test_all_to_all_sends_only_real_rows(world):
     """Dropless: a rank sends exactly its routed real slots, never capacity padding."""
-    ep = WORLDS[world]["ep"]
+    dp, ep = world, WORLDS[world]["ep"]
     b, L = B_GLOBAL // dp, E // ep
     results = _run(world)
     for case in ("topk", "modality", "modality_gate", "empty_rank"):
