@@ -31,6 +31,7 @@ PACKAGE_DIRS = {
     "modalmoe.runtime.moe": "runtime/moe",
     "modalmoe.runtime.data": "runtime/data",
     "modalmoe.runtime.tensor_parallel": "runtime/tensor_parallel",
+    "modalmoe.runtime.study": "runtime/study",
     "modalmoe.models": "models",
     "modalmoe.launch": "launch",
 }
@@ -81,7 +82,7 @@ setup(
     description="Distributed training runtime for multimodal (image + text) Mixture-of-Experts models",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"modalmoe.launch": ["configs/*.yaml", "slurm/*.sbatch", "*.sh", "hostfile.example"]},
+    package_data={"modalmoe.launch": ["configs/*.yaml", "studies/*.yaml", "slurm/*.sbatch", "*.sh", "hostfile.example"]},
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPy, "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -1,4 +1,4 @@
-"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``, ``checkpoint consolidate``.
+"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``, ``checkpoint consolidate``, ``study``.
 
 Every launcher (plain python, deepspeed, srun, mpirun) ends here. Bad flags and configs stop with
 ``error: ...`` naming the field and the fix, before any data is read or process group created.
@@ -25,6 +25,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR,
                    help="where the embedded demo data set lives (built there if absent) when data.train_shards is empty")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _data_parser(sub) -> None:
@@ -62,6 +64,23 @@ def _checkpoint(args) -> int:
     return 0
 
 
+def _study_parser(sub) -> None:
+    p = sub.add_parser("study", help="run a routing study (a grid of small trainings) and write its report")
+    p.add_argument("name", help="a study in launch/studies (e.g. modality-routing) or a study YAML path")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="training-config overrides for every run (model.hidden_size=256); study.KEY=VALUE for the study's own fields")
+    p.add_argument("--out", help="study folder (default: studies/<name>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel as subprocesses (one GPU each when several)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs, train nothing")
+
+
+def _study(args) -> int:
+    from ..runtime.study import run_study
+
+    print(f"report: {run_study(args.name, args.overrides, args.out, jobs=args.jobs, report_only=args.report_only)}")
+    return 0
+
+
 def _resolve_config_path(args) -> Path:
     if args.config:
         return Path(args.config)
@@ -94,13 +113,24 @@ def build_job_config(args, *, check_paths: bool = True):
 
 
 def _train(args) -> int:
+    from ..runtime.metrics import get_logger
+    from .environment import setup_environment
+
+    log = get_logger("modalmoe.launch")
+    log.info(setup_environment(args.local_rank).describe())
     cfg = build_job_config(args)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
+    from ..runtime.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
     from ..runtime.trainer import Trainer
 
-    summary = Trainer(cfg).fit()
+    try:
+        with PreemptionHandler():
+            summary = Trainer(cfg).fit()
+    except Preempted as e:
+        log.warning("%s", e)
+        return PREEMPTED_EXIT_CODE
     print(json.dumps(summary["eval"], indent=1))
     return 0
 
@@ -127,15 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _data_parser(sub)
     _checkpoint_parser(sub)
+    _study_parser(sub)
     args = parser.parse_args(argv)
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.config import ConfigError
+    from ..runtime.faults import JOB_ERRORS, describe, exit_code_for
+    from ..runtime.metrics import get_logger
 
+    get_logger()
     try:
-        return {"train": _train, "data": _data, "checkpoint": _checkpoint}[args.cmd](args)
+        return {"train": _train, "data": _data, "checkpoint": _checkpoint, "study": _study}[args.cmd](args)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JOB_ERRORS as e:  # bad data, non-finite steps, a lost rank: exit codes in runtime/faults.py
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return exit_code_for(e)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -161,5 +162,14 @@ class CheckpointManager:
         if stems is not None and len(names) != len(stems):
             missing = sorted(set(stems) - {Path(n).stem for n in names})
             raise CheckpointError(f"checkpoint {path} has no file for {missing}: it was written by a different layout")
-        states = {Path(n).stem: torch.load(path / n, map_location=map_location, weights_only=True) for n in names}
+        states = {}
+        for n in names:
+            try:
+                states[Path(n).stem] = torch.load(path / n, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(
+                    f"checkpoint file {path / n} holds objects other than tensors and plain containers, which are "
+                    f"never unpickled ({str(e).splitlines()[0][:200]}); load only checkpoints this trainer wrote, "
+                    "or resume from another step_* folder"
+                ) from e
         return states, manifest

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import is_expert_param
+from .faults import weights_only_safe
 from .metrics import get_logger
 from .optim import lr_lambda, param_groups
 from .parallel_state import ParallelState, deepspeed_moe_marker, register_with_deepspeed
@@ -88,7 +89,12 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> float:
+        """Clip and step; a non-finite gradient norm drops the gradients and changes nothing
+        (weights, moments, LR schedule), as DeepSpeed does on overflow."""
         norm = global_grad_norm(self.module, self.state)
+        if not math.isfinite(float(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         _clip_(self.module, norm, self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -159,8 +165,15 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
 
     def step(self) -> float:
+        """Like TorchEngine.step. The norm is global (identical on every rank), so every rank makes
+        the same skip decision; ZeRO 1/2 skip inside DeepSpeed (overflow: grads and partitioned
+        grad buffers dropped, no LR step)."""
         if self.zero_stage == 0:
             norm = float(global_grad_norm(self.module, self.state, self.expert_tp))
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                self.optimizer.zero_grad(set_to_none=True)
+                return norm
             _clip_(self.module, torch.tensor(norm), self.grad_clip)
             self.engine.step()
             return norm
@@ -175,9 +188,27 @@ class DeepSpeedEngine:
     def set_schedule_step(self, step: int) -> None:
         _set_schedule_step(self.scheduler, step)
 
+    @property
+    def _wrapped(self) -> bool:
+        """ZeRO 1/2 (and bf16) hand back DeepSpeed's optimizer wrapper, not the torch optimizer."""
+        return not isinstance(self.optimizer, torch.optim.Optimizer)
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Only what ``torch.load(weights_only=True)`` accepts: DeepSpeed's wrapper state carries
+        objects (its loss scaler, parameter-slice mappings) that are dropped here; the fp32 master
+        partitions, the base optimizer state and the paddings are kept."""
+        opt = self.optimizer.state_dict()
+        if self._wrapped:
+            dropped: list[str] = []
+            opt = weights_only_safe(opt, "optimizer", dropped)
+            log.debug("DeepSpeed optimizer state not saved (not weights_only-safe): %s", dropped)
+        return {"optimizer": opt, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd["optimizer"])
+        if self._wrapped:
+            # DeepSpeed takes one state per DP rank and reads its own: this rank's, saved above
+            per_rank = [sd["optimizer"]] * self.state.size("dp")
+            self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])

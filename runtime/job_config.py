@@ -46,6 +46,12 @@ class TrainConfig:
     tensorboard: bool = True
     report: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # faults (README "When things go wrong")
+    collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (gloo/NCCL timeout)
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared lost; 0 = no watchdog
+    max_nonfinite_steps: int = 5  # this many non-finite (skipped) steps in a row stop the job
+    collapse_share: float = 0.1  # expert starved below this fraction of the uniform share; 0 = no alarm
+    collapse_window: int = 100  # ... for this many steps: warn once per (layer, modality, expert)
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix
@@ -62,6 +68,15 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "threads"):
             check(getattr(self, name) >= 0, f"{p}.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.retrieval_size >= 5, f"{p}.retrieval_size", f"must be >= 5 (recall@5 needs 5 candidates), got {self.retrieval_size}")
+        check(self.collective_timeout_s > 0, f"{p}.collective_timeout_s", f"must be > 0 seconds, got {self.collective_timeout_s}")
+        check(
+            self.heartbeat_timeout_s == 0 or self.heartbeat_timeout_s >= 1,
+            f"{p}.heartbeat_timeout_s",
+            f"must be 0 (no watchdog) or >= 1 second, got {self.heartbeat_timeout_s}",
+        )
+        check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+        check(0 <= self.collapse_share < 1, f"{p}.collapse_share", f"must be in [0, 1) (0 = no alarm), got {self.collapse_share}")
+        check(self.collapse_window >= 1, f"{p}.collapse_window", f"must be >= 1 step, got {self.collapse_window}")
 
     @property
     def resolved_run_dir(self) -> Path:

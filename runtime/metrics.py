@@ -14,14 +14,17 @@ _warned: set[str] = set()
 
 
 def get_logger(name: str = "modalmoe") -> logging.Logger:
+    """A ``modalmoe.*`` logger. Our own handler is added only when the application configured no
+    logging (then nothing would print INFO); records still propagate, so a user's or pytest's
+    handlers see them and nothing prints twice."""
     logger = logging.getLogger(name)
-    root = logging.getLogger("modalmoe")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
+    ours = logging.getLogger("modalmoe")
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
+        if not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%H:%M:%S"))
+            ours.addHandler(handler)
     return logger
 
 

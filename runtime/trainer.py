@@ -22,9 +22,12 @@ from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_s
 from .config import ConfigError
 from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
+from .data.counts import BAD_REASONS
 from .distributed import init_from_env
 from .engine import DeepSpeedEngine, TorchEngine
 from .evaluate import evaluate
+from .faults import NonFiniteError, NonFiniteTracker, PeerLostError, describe
+from .health import CollapseMonitor
 from .job_config import JobConfig
 from .metrics import MetricsWriter, get_logger
 from .moe.stats import RoutingStats, specialisation_index
@@ -32,7 +35,8 @@ from .parallel_state import Layout, ParallelState
 from .parallelize import parallelize
 from .preemption import Preempted, agreed_signal
 from .report import write_routing_report
-from .tensor_parallel import tp_shard_specs
+from .tensor_parallel import check_tp_divisibility, tp_shard_specs
+from .watchdog import Watchdog, looks_distributed
 
 __all__ = ["Trainer", "MODALITY_NAMES"]
 
@@ -70,9 +74,12 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, train_data=None):
         self.cfg = cfg
         t, par = cfg.train, cfg.parallel
+        # everything that can be checked without a process group is checked before one is created
+        cfg.validate(check_paths=train_data is None)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         layout = Layout.from_config(par, world)
         layout.validate_model(cfg.model.num_heads, cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.moe.num_experts)
+        check_tp_divisibility(cfg.model, par.tp, par.expert_tp)
         use_deepspeed = par.engine == "deepspeed" or (par.engine == "auto" and world > 1)
         if world > 1 and not use_deepspeed:
             raise ConfigError("config field `parallel.engine`: a multi-process job steps through DeepSpeed; set it to auto or deepspeed")
@@ -82,11 +89,13 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.device = _device(t.device)
         self.dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        check_vocab_size(self.tokenizer, cfg.model.vocab_size)
 
         self.state: ParallelState | None = None
         self.rank = 0
         if use_deepspeed:
-            self.rank, _ = init_from_env()
+            self.rank, _ = init_from_env(timeout_s=t.collective_timeout_s)
             self.state = ParallelState.build(layout)
         self.is_main = self.rank == 0
         self.dp_rank = self.state.rank_in("dp") if self.state else 0
@@ -95,8 +104,6 @@ class Trainer:
             log.info("parallel layout: %s", self.state.describe())
 
         torch.manual_seed(t.seed)
-        self.tokenizer = Tokenizer(cfg.data.tokenizer)
-        check_vocab_size(self.tokenizer, cfg.model.vocab_size)
         model = cfg.model.build()
         self.total_params, self.active_params = count_parameters(model)
         init = load_consolidated(t.init_from) if t.init_from else None
@@ -121,6 +128,11 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=t.tensorboard)
         self.bad_counts: dict[str, int] = {}
         self.run_stats: list[RoutingStats] | None = None
+        self.nonfinite = NonFiniteTracker(t.max_nonfinite_steps)
+        moe = cfg.model.moe
+        self.collapse = CollapseMonitor(cfg.model.moe_layers, MODALITY_NAMES, moe.num_experts, share=t.collapse_share,
+                                        window=t.collapse_window, partition=moe.modality_partition)
+        self.watchdog: Watchdog | None = None
 
     def _continue_from(self, init) -> None:
         """After ``train.init_from``: restore the step, the LR schedule and, when the consolidated
@@ -199,6 +211,8 @@ class Trainer:
                 "rng": rng_state(),
                 "data": self.train_loader.state_dict(),
                 "bad_counts": dict(self.bad_counts),
+                "nonfinite": self.nonfinite.state_dict(),
+                "collapse": self.collapse.state_dict(),
             },
         }
         state["named_optimizer"] = named_optimizer_state(self.model, self.engine.optimizer)
@@ -225,6 +239,8 @@ class Trainer:
         tr = st["trainer"]
         self.train_loader.load_state_dict(tr["data"])
         self.bad_counts = dict(tr["bad_counts"])
+        self.nonfinite.load_state_dict(tr.get("nonfinite", {}))
+        self.collapse.load_state_dict(tr.get("collapse", {}))
         set_rng_state(tr["rng"])
         self.step = int(tr["step"])
         if self.is_main:
@@ -243,13 +259,16 @@ class Trainer:
         with self._autocast():
             out = self.model(batch)
         n_local = out.num_text_tokens.detach().float()
-        # one all-reduce for [caption tokens, caption nll sum, real tokens]
-        totals = self._dp_sum(torch.stack([n_local, out.caption_loss.detach().float() * n_local, batch.mask.sum().float()]))
+        nonfinite = (~torch.isfinite(out.loss.detach().float())).float()
+        # one all-reduce for [caption tokens, caption nll sum, real tokens, replicas with a non-finite loss]
+        totals = self._dp_sum(torch.stack([n_local, out.caption_loss.detach().float() * n_local, batch.mask.sum().float(), nonfinite]))
+        if float(totals[3]) > 0:  # every rank sees the same sum (TP peers share the loss): all skip
+            return {"loss": float(out.loss.detach()), "skipped": 1.0}, out.moe_stats, int(totals[2])
         n_global = totals[0].clamp_min(1)
         scale = n_local * self.dp_size / n_global
         loss = out.caption_loss * scale + (out.loss - out.caption_loss)
         self.engine.backward(loss)
-        grad_norm = self.engine.step()
+        grad_norm = self.engine.step()  # a non-finite (global) norm: the engine dropped the grads
         caption = totals[1] / n_global
         extra = (out.loss - out.caption_loss).detach()
         scalars = {
@@ -257,6 +276,7 @@ class Trainer:
             "caption_loss": float(caption),
             "aux_loss": float(out.aux_loss.detach()),
             "grad_norm": grad_norm,
+            "skipped": float(not math.isfinite(grad_norm)),
         }
         if out.contrastive_loss is not None:
             scalars["contrastive_loss"] = float(self._dp_sum(out.contrastive_loss.detach()) / self.dp_size)
@@ -275,11 +295,72 @@ class Trainer:
             for layer, s in zip(self.cfg.model.moe_layers, stats):
                 for k, v in s.summary(MODALITY_NAMES).items():
                     m[f"layer{layer}/{k}"] = v
-        for reason, count in self.bad_counts.items():
-            m[f"data/bad/{reason}"] = count
+        bad = self._dp_sum(torch.tensor([self.bad_counts.get(r, 0) for r in BAD_REASONS], dtype=torch.long))
+        for reason, count in zip(BAD_REASONS, bad.tolist()):
+            if count:
+                m[f"data/bad/{reason}"] = count
+        m["nonfinite/skipped"] = self.nonfinite.take_window()
+        m["nonfinite/total"] = self.nonfinite.total
+        m.update(self.collapse.update(self.step, stats))
         return m
 
+    def _skip(self, scalars: dict[str, float], batch) -> None:
+        """A step skipped for a non-finite loss or gradient: count it; too many in a row save the
+        state (the last finite weights) for inspection and stop the job."""
+        stop = self.nonfinite.record(True)
+        what = f"loss {scalars.get('loss', float('nan')):.4g}, grad norm {scalars.get('grad_norm', float('nan')):.4g}"
+        if self.is_main:
+            log.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", self.step, what,
+                        self.nonfinite.in_row, self.nonfinite.total)
+        if not stop:
+            return
+        ckpt = self.save()
+        keys = list(getattr(batch, "keys", []))[:4]
+        raise NonFiniteError(
+            f"{self.nonfinite.in_row} steps in a row (train.max_nonfinite_steps) had a non-finite loss or gradient, "
+            f"the last at step {self.step} ({what}; batch keys {keys}); the last finite state is saved in {ckpt} for "
+            "inspection. Lower train.lr or raise train.warmup_steps, check the data, then resume (the run folder "
+            "continues from there); or raise train.max_nonfinite_steps"
+        )
+
     def fit(self) -> dict:
+        """Train to ``train.steps``. In a multi-process job a watchdog runs meanwhile (README, "When
+        things go wrong"): a lost or failed peer ends this rank with PeerLostError naming it."""
+        self.watchdog = Watchdog.for_job(self.cfg.train.heartbeat_timeout_s)
+        if self.watchdog is not None:
+            self.watchdog.start()
+        try:
+            summary = self._fit()
+        except Preempted:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            raise
+        except BaseException as exc:
+            self._on_failure(exc)
+            raise
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        return summary
+
+    def _on_failure(self, exc: BaseException) -> None:
+        """A collective that failed because a peer died becomes PeerLostError naming that peer; any
+        other error is announced to the peers (so they stop now) and propagates unchanged."""
+        wd = self.watchdog
+        if wd is None:
+            return
+        verdict = wd.diagnose(wait_s=wd.timeout_s + 2 * wd.interval_s) if looks_distributed(exc) else None
+        if verdict is None:
+            wd.fail(f"{type(exc).__name__}: {describe(exc)}"[:400])
+            return
+        wd.stop(done=False)
+        log.error("%s", verdict)
+        first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else type(exc).__name__
+        raise PeerLostError(
+            f"{verdict}; rank {self.rank} stops too (its collective failed: {first}). Look at that rank's log "
+            "for why it died; rerunning the job resumes from the latest checkpoint"
+        ) from exc
+
+    def _fit(self) -> dict:
         t = self.cfg.train
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
@@ -308,20 +389,22 @@ class Trainer:
                 self.bad_counts[reason] = self.bad_counts.get(reason, 0) + c
             scalars, stats, ntok = self.train_step(batch)
             self.step += 1
-            n += 1
-            tokens += ntok
-            for k, v in scalars.items():
-                sums[k] = sums.get(k, 0.0) + v
-            window = stats if not window else [a + b for a, b in zip(window, stats)]
-            if not math.isfinite(scalars["loss"]):
-                raise FloatingPointError(f"non-finite loss {scalars['loss']} at step {self.step}; lower train.lr or check the data")
+            if scalars.pop("skipped", 0.0):
+                self._skip(scalars, batch)
+            else:
+                self.nonfinite.record(False)
+                n += 1
+                tokens += ntok
+                for k, v in scalars.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                window = stats if not window else [a + b for a, b in zip(window, stats)]
             if self.step % t.log_every == 0 or self.step == t.steps:
                 window = self._reduce_stats(window)
                 m = self._window_metrics(sums, n, window, tokens, time.perf_counter() - t0)
                 self.metrics.write(self.step, "train", m)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", bal=f"{m.get('balance', 1.0):.2f}")
-                self.run_stats = window
+                    progress.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", tok_s=f"{m['tokens_per_s']:.0f}", bal=f"{m.get('balance', 1.0):.2f}")
+                self.run_stats = window or self.run_stats
                 sums, window, n, tokens, t0 = {}, [], 0, 0, time.perf_counter()
             if progress is not None:
                 progress.update(1)

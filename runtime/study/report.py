@@ -1,0 +1,475 @@
+"""The study report: ``report.md`` with mean ± std tables per experiment, and PNG plots.
+
+Differences between two arms are called "within seed noise" when |Δ| < 2·SE, SE = √(s_a²/n_a + s_b²/n_b)
+(sample standard deviations over seeds): with 3 seeds that is a rough screen, not a significance test,
+and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..trainer import MODALITY_NAMES
+from .aggregate import HEADLINE, collect
+from .runner import run_dir_name
+from .spec import StudySpec
+
+__all__ = ["write_study_report", "delta"]
+
+_DPI = 110
+_COLOURS = plt.get_cmap("tab10").colors
+
+
+def _fmt(m: float, s: float | None = None, digits: int = 3) -> str:
+    if m is None or not math.isfinite(m):
+        return "–"
+    if s is None or not math.isfinite(s):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def delta(arms: dict, a: str, b: str, key: str) -> tuple[float, float, bool]:
+    """(mean_b − mean_a, its standard error, within seed noise?) for a scalar of two arms."""
+    ma, sa, na = arms[a].get(key, [math.nan, math.nan, 0])
+    mb, sb, nb = arms[b].get(key, [math.nan, math.nan, 0])
+    if not (na and nb):
+        return math.nan, math.nan, True
+    se = math.sqrt(sa**2 / na + sb**2 / nb)
+    d = mb - ma
+    return d, se, abs(d) < 2 * se or (se == 0 and d == 0)
+
+
+def _label(spec: StudySpec, arm: str) -> str:
+    return spec.arms[arm].label or arm
+
+
+def _colour(spec: StudySpec, arm: str):
+    return _COLOURS[list(spec.arms).index(arm) % len(_COLOURS)]
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+
+def _headline_table(spec: StudySpec, arms: dict, names: list[str], columns=HEADLINE) -> list[str]:
+    cols = [c for c in columns if any(c[0] in arms.get(a, {}) for a in names)]
+    md = ["| arm | steps | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for a in names:
+        if a not in arms:
+            md.append(f"| {_label(spec, a)} | – | " + " | ".join("–" for _ in cols) + " |")
+            continue
+        cells = []
+        for key, _, _ in cols:
+            m, s, _n = arms[a].get(key, [math.nan, math.nan, 0])
+            cells.append(_fmt(m, s, 1 if key == "wall_s" else 3))
+        md.append(f"| {_label(spec, a)} | {spec.arm_steps(a)} | " + " | ".join(cells) + " |")
+    return md
+
+
+def _verdicts(spec: StudySpec, arms: dict, base: str, others: list[str],
+              keys=(("caption_loss", "eval caption loss"), ("retrieval_r1", "R@1"), ("spec", "specialisation index"))) -> list[str]:
+    md = []
+    for o in others:
+        if o not in arms or base not in arms:
+            continue
+        parts = []
+        for key, title in keys:
+            d, se, noise = delta(arms, base, o, key)
+            if math.isfinite(d):
+                parts.append(f"{title} {d:+.3f} (SE {se:.3f}, {'within seed noise' if noise else 'beyond 2 SE'})")
+        if parts:
+            md.append(f"- {_label(spec, o)} − {_label(spec, base)}: " + "; ".join(parts))
+    return md
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+
+def _band(ax, series: list[list], colour, label: str, layer: int | None = None) -> None:
+    """Mean ± std over seeds of [[step, value-or-per-layer-list], ...] curves, on common steps."""
+    by_step: dict[int, list[float]] = {}
+    for curve in series:
+        for step, v in curve:
+            val = v[layer] if layer is not None else v
+            if val is not None and math.isfinite(val):
+                by_step.setdefault(int(step), []).append(val)
+    if not by_step:
+        return
+    steps = sorted(by_step)
+    mean = np.array([np.mean(by_step[s]) for s in steps])
+    std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+    ax.plot(steps, mean, color=colour, label=label, marker="o", markersize=3, linewidth=1.6)
+    ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+
+
+def _curves_of(records: list[dict], arm: str, name: str) -> list[list]:
+    return [r["curves"].get(name, []) for r in records if r["arm"] == arm]
+
+
+def _plot_bars(spec: StudySpec, arms: dict, path: Path) -> None:
+    panels = [("caption_loss", "eval caption loss (nats/token)"), ("retrieval_r1", "retrieval R@1"),
+              ("spec", "specialisation index I(m;e)/H(m)"), ("cv", "load CV per modality (0 = even)"),
+              ("agreement", f"top-1 agreement with {spec.reference or 'ref.'}"), ("cka", "mean pairwise expert CKA")]
+    names = [a for a in spec.arms if a in arms]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    x = np.arange(len(names))
+    for ax, (key, title) in zip(axes.flat, panels):
+        if key == "cv":
+            for j, m in enumerate(MODALITY_NAMES):
+                vals = [arms[a].get(f"cv_{m}", [math.nan, 0, 0]) for a in names]
+                ax.bar(x + (j - 0.5) * 0.38, [v[0] for v in vals], 0.38, yerr=[v[1] for v in vals], capsize=3,
+                       label=m, color=["#4477aa", "#ee6677"][j % 2])
+            ax.legend(fontsize=8)
+        else:
+            vals = [arms[a].get(key, [math.nan, 0, 0]) for a in names]
+            ax.bar(x, [v[0] for v in vals], 0.7, yerr=[v[1] for v in vals], capsize=3,
+                   color=[_colour(spec, a) for a in names])
+            finite = [v[0] for v in vals if math.isfinite(v[0])]
+            if finite and key == "caption_loss":
+                lo = min(v[0] - v[1] for v in vals if math.isfinite(v[0]))
+                ax.set_ylim(max(0.0, lo * 0.9), max(v[0] + v[1] for v in vals if math.isfinite(v[0])) * 1.05)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(x, [_label(spec, a) for a in names], rotation=35, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{spec.name}: mean ± std over {len(spec.seeds)} seeds", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def _plot_eval_curves(spec: StudySpec, records: list[dict], path: Path, dynamics_arms: list[str]) -> None:
+    base = [a for a in spec.arms if spec.arms[a].steps_mult == 1 and spec.arm_data(a) == spec.primary_data]
+    fig, axes = plt.subplots(1, 2 if dynamics_arms else 1, figsize=(13 if dynamics_arms else 7, 4.2), squeeze=False)
+    panels = [(base, f"held-out caption loss over training ({spec.steps} steps)")]
+    if dynamics_arms:
+        panels.append((dynamics_arms, "longer training (the dynamics experiment's arms)"))
+    for ax, (names, title) in zip(axes[0], panels):
+        for a in names:
+            _band(ax, _curves_of(records, a, "eval_loss"), _colour(spec, a), _label(spec, a))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"caption loss on {spec.primary_data} (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def _n_layers(records: list[dict]) -> list[int]:
+    return records[0]["layers"] if records else []
+
+
+def _plot_per_layer(spec: StudySpec, records: list[dict], arms_shown: list[str], curve: str, ylabel: str,
+                    path: Path, hlines: dict[str, list[float]] | None = None) -> None:
+    layers = _n_layers(records)
+    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4), squeeze=False)
+    for li, (ax, layer) in enumerate(zip(axes[0], layers)):
+        for a in arms_shown:
+            _band(ax, _curves_of(records, a, curve), _colour(spec, a), _label(spec, a), layer=li)
+        for text, values in (hlines or {}).items():
+            if li < len(values) and math.isfinite(values[li]):
+                ax.axhline(values[li], linestyle="--", color="grey", linewidth=1)
+                ax.text(ax.get_xlim()[0], values[li], " " + text, fontsize=7, va="bottom", color="dimgrey")
+        ax.set_title(f"MoE layer {layer}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def _sorted_experts(load_ME: np.ndarray) -> np.ndarray:
+    s = load_ME / np.maximum(load_ME.sum(1, keepdims=True), 1e-12)
+    return np.argsort(-(s[0] - s[1:].mean(0)), kind="stable")
+
+
+def _plot_load(spec: StudySpec, out: Path, arms_shown: list[str], path: Path) -> None:
+    seed = spec.seeds[0]
+    analyses = {a: _analysis(out, a, seed) for a in arms_shown}
+    analyses = {a: v for a, v in analyses.items() if v is not None}
+    if not analyses:
+        return
+    n_layers = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
+    fig, axes = plt.subplots(len(analyses), n_layers, figsize=(4.2 * n_layers, 1.5 + 1.1 * len(analyses)), squeeze=False)
+    for r, (a, an) in enumerate(analyses.items()):
+        for c, lay in enumerate(an["probe"][spec.primary_data]["layers"]):
+            load = np.array(lay["load_ME"])
+            share = load / np.maximum(load.sum(1, keepdims=True), 1e-12)
+            order = _sorted_experts(load)
+            ax = axes[r, c]
+            im = ax.imshow(share[:, order], aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(share.max())))
+            ax.set_yticks(range(len(MODALITY_NAMES)), MODALITY_NAMES, fontsize=8)
+            ax.set_xticks(range(share.shape[1]), [str(e) for e in order], fontsize=7)
+            ax.set_title(f"{_label(spec, a)} — layer {lay['layer']} (spec. {lay['specialisation']:.2f})", fontsize=9)
+            if r == len(analyses) - 1:
+                ax.set_xlabel("expert (sorted by image lean)", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(f"share of each modality's routed slots per expert (probe tokens, seed {seed})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def _analysis(out: Path, arm: str, seed: int) -> dict | None:
+    p = out / "runs" / run_dir_name(arm, seed) / "analysis.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], path: Path, bars_path: Path) -> None:
+    """Heatmaps (rows: arms, columns: MoE layers, seed of the first run) and a bar chart of the means."""
+    seed = spec.seeds[0]
+    analyses = {a: _analysis(out, a, seed) for a in arms_shown}
+    analyses = {a: v for a, v in analyses.items() if v is not None}
+    if not analyses:
+        return
+    n = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
+    fig, axes = plt.subplots(len(analyses), n, figsize=(3.3 * n + 0.8, 3.3 * len(analyses) + 0.4), squeeze=False,
+                             layout="constrained")
+    im = None
+    for r, (a, an) in enumerate(analyses.items()):
+        for c, lay in enumerate(an["probe"][spec.primary_data]["layers"]):
+            ax = axes[r, c]
+            order = _sorted_experts(np.array(lay["load_ME"]))
+            im = ax.imshow(np.array(lay["cka"]["all"])[np.ix_(order, order)], cmap="magma", vmin=0, vmax=1)
+            ax.set_title(f"{_label(spec, a)}, layer {lay['layer']}\nmean off-diagonal {lay['cka_mean_offdiag']['all']:.2f}", fontsize=9)
+            ax.set_xticks(range(len(order)), [str(e) for e in order], fontsize=7)
+            ax.set_yticks(range(len(order)), [str(e) for e in order], fontsize=7)
+            ax.set_xlabel("expert (image-leaning first)", fontsize=8)
+            ax.set_ylabel("expert", fontsize=8)
+    fig.colorbar(im, ax=axes, fraction=0.03)
+    fig.suptitle(f"linear CKA between experts' outputs on the same probe tokens (seed {seed})", fontsize=10)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(arms_shown) + 3, 3.8))
+    x = np.arange(len(arms_shown))
+    for j, key in enumerate(["cka"] + [f"cka_{m}" for m in MODALITY_NAMES]):
+        vals = [arms.get(a, {}).get(key, [math.nan, 0, 0]) for a in arms_shown]
+        ax.bar(x + (j - 1) * 0.27, [v[0] for v in vals], 0.27, yerr=[v[1] for v in vals], capsize=2,
+               label={"cka": "all probe tokens"}.get(key, key.removeprefix("cka_") + " tokens only"))
+    ax.set_xticks(x, [_label(spec, a) for a in arms_shown], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("mean CKA between distinct experts")
+    ax.set_title(f"expert similarity (lower = more distinct), mean ± std over {len(spec.seeds)} seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(bars_path, dpi=_DPI)
+    plt.close(fig)
+
+
+def _plot_transfer(spec: StudySpec, arms: dict, path: Path) -> None:
+    t = spec.transfer
+    names = [a for a in t.arms if a in arms]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    x = np.arange(len(names))
+    for ax, (key, tkey, title) in zip(axes, [("caption_loss", "caption_loss", "eval caption loss"),
+                                             ("retrieval_r1", "retrieval_r1", "retrieval R@1"),
+                                             ("spec", "spec", "specialisation index")]):
+        src = [arms[a].get(key, [math.nan, 0, 0]) for a in names]
+        dst = [arms[a]["transfer"].get(tkey, [math.nan, 0, 0]) for a in names]
+        own = [arms.get(t.trained_on_target.get(a, ""), {}).get(key, [math.nan, 0, 0]) for a in names]
+        ax.bar(x - 0.27, [v[0] for v in src], 0.27, yerr=[v[1] for v in src], capsize=3, label=f"trained & tested on {spec.primary_data}")
+        ax.bar(x, [v[0] for v in dst], 0.27, yerr=[v[1] for v in dst], capsize=3, label=f"trained on {spec.primary_data}, tested on {t.to}")
+        ax.bar(x + 0.27, [v[0] for v in own], 0.27, yerr=[v[1] for v in own], capsize=3, label=f"trained & tested on {t.to}")
+        ax.set_xticks(x, [_label(spec, a) for a in names], fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def _grid_text(spec: StudySpec, out: Path, records: list[dict]) -> list[str]:
+    cfg = None
+    runs = out / "runs"
+    first = next((runs / run_dir_name(a, s) for a in spec.arms for s in spec.seeds
+                  if (runs / run_dir_name(a, s) / "config.yaml").is_file()), None)
+    if first is not None:
+        from ..job_config import load_job_config
+
+        cfg = load_job_config(first / "config.yaml")
+    total = sum(r["wall_s"] or 0 for r in records)
+    md = [f"**Grid.** {len(spec.arms)} arms × {len(spec.seeds)} seeds (seeds {spec.seeds}) = "
+          f"{len(spec.arms) * len(spec.seeds)} runs; {spec.steps} steps per run unless an arm scales it; "
+          f"base config `{spec.base}` + the study's overrides. Summed training wall time "
+          f"{total / 60:.1f} min (as measured by the runner; shared CPUs make it noisy)."]
+    if cfg is not None:
+        m = cfg.model
+        md.append(f"**Model.** hidden {m.hidden_size}, {m.num_layers} layers (MoE layers {m.moe_layers}), "
+                  f"{m.moe.num_experts} experts top-{m.moe.top_k}, expert FFN {m.moe.ffn_hidden_size}, "
+                  f"{m.image_size}×{m.image_size} images in {m.num_patches} patches, captions ≤ {m.max_text_len} tokens; "
+                  f"batch {cfg.data.batch_size}, lr {cfg.train.lr}, lb_coef {m.moe.lb_coef}, "
+                  f"capacity factor {m.moe.capacity_factor} (train) / {m.moe.eval_capacity_factor} (eval).")
+    ds = ", ".join(f"`{n}` ({d.kind}, {d.n_train} train / {d.n_eval} eval)" for n, d in spec.data.items())
+    md.append(f"**Data.** {ds}. Probe tokens: the first {spec.probe.batches} eval batches of "
+              f"{spec.probe.batch_size} samples of each data set, identical for every run.")
+    return md
+
+
+def write_study_report(spec: StudySpec, out: str | Path) -> Path:
+    """Collect the runs and write ``report.md`` + ``plots/*.png`` into ``out``; returns the report path."""
+    out = Path(out)
+    result = collect(spec, out)
+    records, arms = result["runs"], result["arms"]
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    dynamics_arms = next((e.arms for e in spec.experiments if e.kind == "dynamics"), [])
+    md = [f"# Routing study `{spec.name}`", ""]
+    if spec.description:
+        md += [spec.description.strip(), ""]
+    md += _grid_text(spec, out, records) + [""]
+    md += [
+        "Every number is the mean ± sample std over seeds. Δ lines compare two arms: *within seed noise* means",
+        "|Δ| < 2·SE with SE = √(s_a²/n_a + s_b²/n_b); with 3 seeds this is a screen, not a significance test.",
+        "Definitions and formulas: `docs/routing-study.md`. *spec. index* = I(modality; expert)/H(modality) on",
+        "the probe tokens' routed slots (mean over MoE layers); *CV* = coefficient of variation of a modality's",
+        "expert shares; *dropped* = fraction of routed slots over capacity (training, last 20% of logs);",
+        f"*agreement w/ ref.* = Hungarian-matched top-1 agreement with the `{spec.reference}` arm's routing on",
+        "the same probe tokens (for the reference itself: with its other seeds, the ceiling); *expert CKA* =",
+        "mean linear CKA between distinct experts' outputs on the same tokens (lower = more distinct).",
+        "",
+    ]
+    if result["missing"]:
+        md += [f"**Missing runs** (not finished or not analysed): {', '.join(result['missing'])}", ""]
+    md += ["## All arms", ""] + _headline_table(spec, arms, list(spec.arms)) + [""]
+    _plot_bars(spec, arms, plots / "bars.png")
+    _plot_eval_curves(spec, records, plots / "eval_loss.png", [a for a in dynamics_arms if a in spec.arms])
+    md += ["![headline metrics per arm](plots/bars.png)", "", "![held-out loss over training](plots/eval_loss.png)", ""]
+    for e in spec.experiments:
+        md += [f"## {e.title}", ""]
+        if e.question:
+            md += [f"*{e.question.strip()}*", ""]
+        names = [a for a in e.arms if a in spec.arms]
+        if e.kind == "compare":
+            md += _headline_table(spec, arms, names) + [""]
+            md += _verdicts(spec, arms, names[0], names[1:]) + [""]
+            for a in names:
+                if spec.arms[a].target_from:
+                    tp = out / "targets" / f"{a}.json"
+                    if tp.is_file():
+                        t = json.loads(tp.read_text())["target_ME"]
+                        md += [f"Target used by `{a}` (from `{spec.arms[a].target_from}`, experts sorted by image lean, "
+                               "rows image / text):", "", "```", *[" ".join(f"{x:.3f}" for x in row) for row in t], "```", ""]
+            if e is next((x for x in spec.experiments if x.kind == "compare"), None):
+                _plot_load(spec, out, [a for a in spec.arms if spec.arm_data(a) == spec.primary_data and spec.arms[a].steps_mult == 1],
+                           plots / "load.png")
+                md += ["![per-modality expert load](plots/load.png)", ""]
+        elif e.kind == "dynamics":
+            md += _dynamics(spec, arms, records, names, plots)
+        elif e.kind == "cka":
+            md += _cka_section(spec, arms, names, out, plots)
+        elif e.kind == "transfer":
+            md += _transfer_section(spec, arms, plots)
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str], plots: Path) -> list[str]:
+    md = _headline_table(spec, arms, names) + [""]
+    md += _verdicts(spec, arms, names[0], names[1:]) + [""]
+    ref = spec.reference
+    ceiling = [r["agreement_layers"] for r in records if r["arm"] == ref and "agreement_layers" in r]
+    ceil_l = np.mean(ceiling, axis=0).tolist() if ceiling else []
+    shuffled = [r.get("agreement_shuffled") for r in records if r["arm"] in names and r.get("agreement_shuffled") is not None]
+    ref_spec = [r["spec_layers"] for r in records if r["arm"] == ref]
+    ref_spec_l = np.mean(ref_spec, axis=0).tolist() if ref_spec else []
+    _plot_per_layer(spec, records, names, "track_spec", "specialisation index", plots / "specialisation.png",
+                    {f"{ref} final": ref_spec_l})
+    tracked = [a for a in names if a != ref]
+    hl = {f"{ref} seed-to-seed": ceil_l}
+    if shuffled:
+        hl["modality-only baseline"] = [float(np.mean(shuffled))] * len(ceil_l)
+    _plot_per_layer(spec, records, tracked, "track_agreement", f"top-1 agreement with {ref} (final)",
+                    plots / "agreement.png", hl)
+    md += ["![specialisation per layer over training](plots/specialisation.png)", "",
+           "![agreement with the reference router over training](plots/agreement.png)", ""]
+    md += ["Per layer at each probed checkpoint (mean over seeds): specialisation index / agreement with "
+           f"`{ref}`'s final routing. Ceiling = `{ref}` vs its other seeds; modality-only baseline = agreement after "
+           "shuffling a router's choices among tokens of the same modality.", ""]
+    layers = _n_layers(records)
+    md += ["| arm | step | " + " | ".join(f"spec. L{lay}" for lay in layers) + " | "
+           + " | ".join(f"agree L{lay}" for lay in layers) + " |", "|---|---|" + "---|" * (2 * len(layers))]
+    for a in names:
+        mine = [r for r in records if r["arm"] == a]
+        steps = sorted({s for r in mine for s, _ in r["curves"]["track_spec"]})
+        for st in steps:
+            sp = [v for r in mine for s, v in r["curves"]["track_spec"] if s == st]
+            ag = [v for r in mine for s, v in r["curves"].get("track_agreement", []) if s == st]
+            row = [_fmt(float(np.mean([x[i] for x in sp]))) for i in range(len(layers))]
+            row += [_fmt(float(np.mean([x[i] for x in ag]))) if ag else "–" for i in range(len(layers))]
+            md.append(f"| {_label(spec, a)} | {st} | " + " | ".join(row) + " |")
+    md += ["", "Ceiling per layer: " + ", ".join(_fmt(x) for x in ceil_l)
+           + (f"; modality-only baseline ≈ {np.mean(shuffled):.3f}" if shuffled else ""), ""]
+    return md
+
+
+def _cka_section(spec: StudySpec, arms: dict, names: list[str], out: Path, plots: Path) -> list[str]:
+    cols = [("cka", "CKA all tokens", True)] + [(f"cka_{m}", f"CKA {m} tokens", True) for m in MODALITY_NAMES] + \
+           [(f"eff_{m}", f"effective experts {m}", False) for m in MODALITY_NAMES]
+    md = _headline_table(spec, arms, names, cols) + [""]
+    md += _verdicts(spec, arms, names[0], names[1:], keys=(("cka", "mean pairwise CKA"),) +
+                    tuple((f"cka_{m}", f"CKA on {m} tokens") for m in MODALITY_NAMES)) + [""]
+    _plot_cka(spec, out, arms, names, plots / "cka.png", plots / "cka_bars.png")
+    return md + ["![mean expert CKA per arm](plots/cka_bars.png)", "", "![expert CKA matrices](plots/cka.png)", ""]
+
+
+def _transfer_section(spec: StudySpec, arms: dict, plots: Path) -> list[str]:
+    t = spec.transfer
+    if t is None:
+        return ["(no transfer data set configured)", ""]
+    src = spec.primary_data
+    md = [f"Trained on `{src}`, evaluated and probed on `{t.to}`; the reference is the same arm trained on `{t.to}`. "
+          "*pattern similarity* = 1 − JSD between the model's own per-modality expert shares on the two data sets "
+          "(same model, experts aligned; 1 = unchanged); *agreement* columns are Hungarian-matched top-1 agreement "
+          f"on `{t.to}` probe tokens.", "",
+          f"| arm | loss on {src} | loss on {t.to} | loss, trained on {t.to} | R@1 on {t.to} | spec. on {src} | spec. on {t.to} "
+          f"| pattern similarity | agreement w/ {t.to}-trained | seed-to-seed on {t.to} |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in t.arms:
+        if a not in arms:
+            continue
+        tr = arms[a]["transfer"]
+        own = arms.get(t.trained_on_target.get(a, ""), {})
+        own_peer = own.get("transfer", {}).get("agreement_seed_to_seed") if own else None
+
+        def g(d, k):
+            return _fmt(*d.get(k, [math.nan, math.nan, 0])[:2])
+
+        md.append(f"| {_label(spec, a)} | {g(arms[a], 'caption_loss')} | {g(tr, 'caption_loss')} | "
+                  f"{g(own, 'caption_loss') if own else '–'} | {g(tr, 'retrieval_r1')} | {g(arms[a], 'spec')} | {g(tr, 'spec')} | "
+                  f"{g(tr, 'pattern_similarity')} | {g(tr, 'agreement_with_target_trained')} | {g(tr, 'agreement_seed_to_seed')} |")
+        if own_peer:
+            md.append(f"| ↳ `{t.trained_on_target[a]}` (trained on {t.to}) | | | | | | {_fmt(*own['spec'][:2])} | | | "
+                      f"{_fmt(*own_peer[:2])} |")
+    shares = next((arms[a]["transfer"] for a in t.arms if a in arms and "text_share" in arms[a]["transfer"]), None)
+    if shares:
+        md.append("")
+        md.append(f"Text tokens are {100 * shares['text_share_source'][0]:.0f}% of the `{src}` probe tokens and "
+                  f"{100 * shares['text_share'][0]:.0f}% of the `{t.to}` ones.")
+    md.append("")
+    if len(t.arms) >= 2 and all(a in arms for a in t.arms[:2]):
+        a, b = t.arms[:2]
+        for key, title in (("caption_loss", f"caption loss on {t.to}"), ("pattern_similarity", "pattern similarity"),
+                           ("agreement_with_target_trained", f"agreement with {t.to}-trained")):
+            d, se, noise = delta({a: arms[a]["transfer"], b: arms[b]["transfer"]}, a, b, key)
+            if math.isfinite(d):
+                md.append(f"- {title}: {_label(spec, b)} − {_label(spec, a)} = {d:+.3f} (SE {se:.3f}, "
+                          f"{'within seed noise' if noise else 'beyond 2 SE'})")
+        md.append("")
+    _plot_transfer(spec, arms, plots / "transfer.png")
+    return md + ["![transfer](plots/transfer.png)", ""]

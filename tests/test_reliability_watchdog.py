@@ -1,0 +1,84 @@
+"""The lost-rank watchdog on its own: a silent peer, a dead process, a failing rank, a finished one.
+
+Two Watchdog objects for ranks 0 and 1 share one FileStore in this process; ``on_lost`` records
+the verdict instead of ending the process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.distributed as dist
+from modalmoe.runtime.watchdog import Watchdog
+
+
+@pytest.fixture
+def store(tmp_path):
+    return dist.FileStore(str(tmp_path / "store"), 2)
+
+
+def _pair(store, timeout_s=2.0, grace_s=0.2):
+    lost: dict[int, list[str]] = {0: [], 1: []}
+    dogs = [
+        Watchdog(store, r, 2, timeout_s=timeout_s, interval_s=0.2, grace_s=grace_s, on_lost=lost[r].append)
+        for r in (0, 1)
+    ]
+    return dogs, lost
+
+
+def _wait(cond, limit: float) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < limit, "timed out"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_healthy_peers_are_left_alone_and_a_finished_one_is_not_lost(store):
+    dogs, lost = _pair(store)
+    for d in dogs:
+        d.start()
+    time.sleep(3.0)  # longer than timeout_s: heartbeats keep both alive
+    assert lost == {0: [], 1: []}
+    dogs[1].stop()  # finished: says so before it goes
+    time.sleep(3.0)
+    dogs[0].stop()
+    assert lost == {0: [], 1: []}
+
+
+def test_a_silent_peer_is_declared_lost_by_name(store):
+    dogs, lost = _pair(store)
+    for d in dogs:
+        d.start()
+    dogs[1].stop(done=False)  # stops beating without saying goodbye (hung, or SIGSTOPped)
+    took = _wait(lambda: lost[0], limit=10)  # on_lost runs where the process would end: after grace_s
+    assert lost[0][0].startswith("rank 1 lost (no heartbeat for") and 2.0 <= took < 5.0
+    dogs[0].stop()
+
+
+def test_a_dead_process_is_declared_lost_at_once(store):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dogs, lost = _pair(store, timeout_s=30.0)
+    dogs[0].start()
+    dogs[1].store.set("who/1", f"{dogs[1].host} {child.pid}")  # rank 1 is that process
+    dogs[1].store.set("hb/1", "1")
+    time.sleep(0.5)
+    assert not lost[0]
+    child.kill()  # not reaped yet: a zombie still counts as gone
+    took = _wait(lambda: lost[0], limit=5)
+    assert lost[0][0] == f"rank 1 lost: its process (pid {child.pid} on {dogs[0].host}) is gone" and took < 2.0
+    child.wait()
+    dogs[0].stop()
+
+
+def test_a_failing_rank_tells_the_others_and_diagnose_reports_it(store):
+    dogs, lost = _pair(store, timeout_s=30.0, grace_s=30.0)
+    for d in dogs:
+        d.start()
+    dogs[1].fail("BadDataError: 8 of 8 samples were bad")
+    assert dogs[0].diagnose(wait_s=5) == "rank 1 failed: BadDataError: 8 of 8 samples were bad"
+    dogs[0].stop()
+    assert lost == {0: [], 1: []}  # the main thread handled it within the grace period
