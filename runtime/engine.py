@@ -64,16 +64,34 @@ def _clip_(model: nn.Module, norm: torch.Tensor, max_norm: float) -> None:
                     p.grad.mul_(coef)
 
 
-def _set_schedule_step(scheduler, step: int) -> None:
-    """Put a LambdaLR at ``step`` without stepping the optimizer (a run continued from elsewhere)."""
-    scheduler.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
+class _Schedule:
+    """What both engines share: the LR schedule (``self.scheduler``) and the optimizer state."""
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def set_schedule_step(self, step: int) -> None:
+        """Put the schedule at ``step`` without stepping the optimizer (a run continued from elsewhere)."""
+        sched = self.scheduler
+        sched.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
 
 
-class TorchEngine:
+class TorchEngine(_Schedule):
     """One process, no DeepSpeed: AdamW + warmup/cosine + clipping."""
 
     def __init__(self, model: nn.Module, train_cfg, state: ParallelState | None = None):
@@ -100,20 +118,6 @@ class TorchEngine:
         self.scheduler.step()
         return float(norm)
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def set_schedule_step(self, step: int) -> None:
-        _set_schedule_step(self.scheduler, step)
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
-
 
 def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int) -> dict:
     """The DeepSpeed JSON, generated from the config tree (never kept by hand beside it)."""
@@ -132,7 +136,7 @@ def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int) -> dict:
     }
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Schedule):
     """DeepSpeed's engine on our process groups, with our experts tagged for EDP reduction."""
 
     def __init__(self, model: nn.Module, train_cfg, data_cfg, parallel_cfg, state: ParallelState):
@@ -182,13 +186,6 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def set_schedule_step(self, step: int) -> None:
-        _set_schedule_step(self.scheduler, step)
-
-    @property
     def _wrapped(self) -> bool:
         """ZeRO 1/2 (and bf16) hand back DeepSpeed's optimizer wrapper, not the torch optimizer."""
         return not isinstance(self.optimizer, torch.optim.Optimizer)
@@ -197,18 +194,17 @@ class DeepSpeedEngine:
         """Only what ``torch.load(weights_only=True)`` accepts: DeepSpeed's wrapper state carries
         objects (its loss scaler, parameter-slice mappings) that are dropped here; the fp32 master
         partitions, the base optimizer state and the paddings are kept."""
-        opt = self.optimizer.state_dict()
+        sd = super().state_dict()
         if self._wrapped:
             dropped: list[str] = []
-            opt = weights_only_safe(opt, "optimizer", dropped)
+            sd["optimizer"] = weights_only_safe(sd["optimizer"], "optimizer", dropped)
             log.debug("DeepSpeed optimizer state not saved (not weights_only-safe): %s", dropped)
-        return {"optimizer": opt, "scheduler": self.scheduler.state_dict()}
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        if self._wrapped:
-            # DeepSpeed takes one state per DP rank and reads its own: this rank's, saved above
-            per_rank = [sd["optimizer"]] * self.state.size("dp")
-            self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
-        else:
-            self.optimizer.load_state_dict(sd["optimizer"])
+        if not self._wrapped:
+            return super().load_state_dict(sd)
+        # DeepSpeed takes one state per DP rank and reads its own: this rank's, saved above
+        per_rank = [sd["optimizer"]] * self.state.size("dp")
+        self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
         self.scheduler.load_state_dict(sd["scheduler"])
