@@ -7,7 +7,9 @@ Every launcher (plain python, deepspeed, srun, mpirun) ends here. Bad flags and 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,13 +101,17 @@ def build_job_config(args, *, check_paths: bool = True):
         from ..runtime.data import demo_paths, make_demo
 
         demo = Path(args.demo_dir)
-        paths = demo_paths(demo)
-        if paths is None:
-            get_logger("modalmoe.cli").info("no data.train_shards given: building the embedded demo data set in %s", demo)
-            make_demo(demo)
+        demo.mkdir(parents=True, exist_ok=True)
+        # the ranks of one node may all get here at once: the first builds, the others wait and reuse
+        with open(demo / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             paths = demo_paths(demo)
-        else:
-            get_logger("modalmoe.cli").info("no data.train_shards given: using the embedded demo data set in %s", demo)
+            if paths is None:
+                get_logger("modalmoe.cli").info("no data.train_shards given: building the embedded demo data set in %s", demo)
+                make_demo(demo)
+                paths = demo_paths(demo)
+            else:
+                get_logger("modalmoe.cli").info("no data.train_shards given: using the embedded demo data set in %s", demo)
         cfg.data.train_shards = paths["train"]
         cfg.data.eval_shards = cfg.data.eval_shards or paths["eval"]
         cfg.data.tokenizer = cfg.data.tokenizer or paths["tokenizer"]
@@ -131,7 +137,8 @@ def _train(args) -> int:
     except Preempted as e:
         log.warning("%s", e)
         return PREEMPTED_EXIT_CODE
-    print(json.dumps(summary["eval"], indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary["eval"], indent=1))
     return 0
 
 

@@ -52,8 +52,10 @@ def _require(*programs: str, path: str | None = None) -> dict[str, str]:
     found = {p: shutil.which(p, path=path) for p in programs}
     missing = [p for p, where in found.items() if where is None]
     if missing:
-        msg = (f"{', '.join(missing)} not installed: apt-get install slurm-wlm munge openmpi-bin libopenmpi-dev "
-               "and pip install mpi4py deepspeed (.ci/run does this in CI)")
+        fix = {"deepspeed": "pip install -r requirements.txt", "mpirun": "apt-get install openmpi-bin libopenmpi-dev",
+               "munged": "apt-get install munge"}
+        hints = sorted({fix.get(p, "apt-get install slurm-wlm") for p in missing})
+        msg = f"{', '.join(missing)} not installed: {'; '.join(hints)} (.ci/run installs them in CI)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)

@@ -82,6 +82,8 @@ def test_long_arm_trains_longer_and_is_tracked(study):
     assert [t["step"] for t in analysis["track"]] == [4, 8]
     routes = np.load(out / "runs" / "long-s0" / "routes.npz")
     assert routes["track__4"].shape == routes["final__source"].shape
+    # once probed, only the final (resume) checkpoint is kept
+    assert [p.name for p in (out / "runs" / "long-s0" / "checkpoints").glob("step_*")] == ["step_00000008"]
 
 
 def test_derived_target_is_the_aware_arms_utilisation(study):

@@ -2,9 +2,10 @@
 
 Reads only what the runs wrote (``summary.json``, ``metrics.jsonl``, ``analysis.json``,
 ``routes.npz``), so the report can be rebuilt at any time without training or probing again.
-Routing similarity between runs is the Hungarian-matched top-1 agreement on identical probe tokens,
-layer by layer; every arm is compared with every seed of the reference arm (the reference arm with
-its *other* seeds: the seed-to-seed ceiling).
+Probe metrics of a run (specialisation, balance, CKA) are measured on the probe tokens of the data
+set it was trained on. Routing similarity between runs is the Hungarian-matched top-1 agreement on
+identical probe tokens (the study's first data set), layer by layer; every arm is compared with
+every seed of the reference arm (the reference arm with its *other* seeds: seed-to-seed agreement).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _run_record(runs: _Runs, arm: str, seed: int) -> dict | None:
     E = a["num_experts"]
     primary = spec.primary_data
     own = spec.arm_data(arm)
-    layers = a["probe"][primary]["layers"]
+    layers = a["probe"].get(own, a["probe"][primary])["layers"]  # tested where it was trained
     ev = a["eval"].get(own, {})
     rows = _rows(runs.dir(arm, seed))
     train = [r for r in rows if r["split"] == "train"]

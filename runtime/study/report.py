@@ -28,6 +28,16 @@ _DPI = 110
 _COLOURS = plt.get_cmap("tab10").colors
 
 
+def _save(fig, path: Path, **kwargs) -> None:
+    """Save as a 256-colour PNG: plots have few colours, and the file is about 3x smaller."""
+    from PIL import Image
+
+    fig.savefig(path, dpi=_DPI, **kwargs)
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
+
+
 def _fmt(m: float, s: float | None = None, digits: int = 3) -> str:
     if m is None or not math.isfinite(m):
         return "–"
@@ -140,7 +150,7 @@ def _plot_bars(spec: StudySpec, arms: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{spec.name}: mean ± std over {len(spec.seeds)} seeds", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -159,7 +169,7 @@ def _plot_eval_curves(spec: StudySpec, records: list[dict], path: Path, dynamics
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -184,7 +194,7 @@ def _plot_per_layer(spec: StudySpec, records: list[dict], arms_shown: list[str],
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -216,7 +226,7 @@ def _plot_load(spec: StudySpec, out: Path, arms_shown: list[str], path: Path) ->
             fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle(f"share of each modality's routed slots per expert (probe tokens, seed {seed})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -248,7 +258,7 @@ def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], pat
             ax.set_ylabel("expert", fontsize=8)
     fig.colorbar(im, ax=axes, fraction=0.03)
     fig.suptitle(f"linear CKA between experts' outputs on the same probe tokens (seed {seed})", fontsize=10)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(1.6 * len(arms_shown) + 3, 3.8))
@@ -263,7 +273,7 @@ def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], pat
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(bars_path, dpi=_DPI)
+    _save(fig, bars_path)
     plt.close(fig)
 
 
@@ -286,7 +296,7 @@ def _plot_transfer(spec: StudySpec, arms: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -303,17 +313,25 @@ def _grid_text(spec: StudySpec, out: Path, records: list[dict]) -> list[str]:
 
         cfg = load_job_config(first / "config.yaml")
     total = sum(r["wall_s"] or 0 for r in records)
+    timing_path = out / "timing.json"
+    end_to_end = ""
+    if timing_path.is_file():
+        t = json.loads(timing_path.read_text())
+        end_to_end = (f" End to end (training, probes, evaluations; the last invocation that trained, "
+                      f"{t['trained_runs']} runs, {t.get('jobs', 1)} at a time): {t['wall_s'] / 60:.1f} min.")
     md = [f"**Grid.** {len(spec.arms)} arms × {len(spec.seeds)} seeds (seeds {spec.seeds}) = "
           f"{len(spec.arms) * len(spec.seeds)} runs; {spec.steps} steps per run unless an arm scales it; "
           f"base config `{spec.base}` + the study's overrides. Summed training wall time "
-          f"{total / 60:.1f} min (as measured by the runner; shared CPUs make it noisy)."]
+          f"{total / 60:.1f} min (as measured by the runner; shared CPUs make it noisy).{end_to_end}", ""]
     if cfg is not None:
         m = cfg.model
         md.append(f"**Model.** hidden {m.hidden_size}, {m.num_layers} layers (MoE layers {m.moe_layers}), "
                   f"{m.moe.num_experts} experts top-{m.moe.top_k}, expert FFN {m.moe.ffn_hidden_size}, "
                   f"{m.image_size}×{m.image_size} images in {m.num_patches} patches, captions ≤ {m.max_text_len} tokens; "
                   f"batch {cfg.data.batch_size}, lr {cfg.train.lr}, lb_coef {m.moe.lb_coef}, "
-                  f"capacity factor {m.moe.capacity_factor} (train) / {m.moe.eval_capacity_factor} (eval).")
+                  f"capacity factor {m.moe.capacity_factor or 'dropless'} (train) / "
+                  f"{m.moe.eval_capacity_factor or 'dropless'} (eval); device {cfg.train.device}, {cfg.train.dtype}.")
+        md.append("")
     ds = ", ".join(f"`{n}` ({d.kind}, {d.n_train} train / {d.n_eval} eval)" for n, d in spec.data.items())
     md.append(f"**Data.** {ds}. Probe tokens: the first {spec.probe.batches} eval batches of "
               f"{spec.probe.batch_size} samples of each data set, identical for every run.")
@@ -334,13 +352,14 @@ def write_study_report(spec: StudySpec, out: str | Path) -> Path:
     md += _grid_text(spec, out, records) + [""]
     md += [
         "Every number is the mean ± sample std over seeds. Δ lines compare two arms: *within seed noise* means",
-        "|Δ| < 2·SE with SE = √(s_a²/n_a + s_b²/n_b); with 3 seeds this is a screen, not a significance test.",
-        "Definitions and formulas: `docs/routing-study.md`. *spec. index* = I(modality; expert)/H(modality) on",
-        "the probe tokens' routed slots (mean over MoE layers); *CV* = coefficient of variation of a modality's",
-        "expert shares; *dropped* = fraction of routed slots over capacity (training, last 20% of logs);",
-        f"*agreement w/ ref.* = Hungarian-matched top-1 agreement with the `{spec.reference}` arm's routing on",
-        "the same probe tokens (for the reference itself: with its other seeds, the ceiling); *expert CKA* =",
-        "mean linear CKA between distinct experts' outputs on the same tokens (lower = more distinct).",
+        f"|Δ| < 2·SE with SE = √(s_a²/n_a + s_b²/n_b); with {len(spec.seeds)} seeds this is a screen, not a significance test.",
+        "Definitions and formulas: `docs/routing-study.md`. *spec. index* = I(modality; expert)/H(modality) of",
+        "the routed slots on the probe tokens of the data set the arm trained on (mean over MoE layers);",
+        "*CV* = coefficient of variation of a modality's expert shares; *dropped* = fraction of routed slots",
+        "over capacity (training, last 20% of logs); *agreement w/ ref.* = Hungarian-matched top-1 agreement",
+        f"with the `{spec.reference}` arm's routing on the `{spec.primary_data}` probe tokens (for the reference itself:",
+        "with its other seeds); *expert CKA* = mean linear CKA between distinct experts' outputs on the same",
+        "tokens (lower = more distinct); *wall s* = training time as measured (noisy on a shared CPU).",
         "",
     ]
     if result["missing"]:
@@ -399,8 +418,9 @@ def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str]
     md += ["![specialisation per layer over training](plots/specialisation.png)", "",
            "![agreement with the reference router over training](plots/agreement.png)", ""]
     md += ["Per layer at each probed checkpoint (mean over seeds): specialisation index / agreement with "
-           f"`{ref}`'s final routing. Ceiling = `{ref}` vs its other seeds; modality-only baseline = agreement after "
-           "shuffling a router's choices among tokens of the same modality.", ""]
+           f"`{ref}`'s final routing. Seed-to-seed = `{ref}` vs its other seeds (how reproducible the reference "
+           "pattern is); modality-only baseline = agreement after shuffling a router's choices among tokens of the "
+           "same modality (what per-modality load shares alone explain).", ""]
     layers = _n_layers(records)
     md += ["| arm | step | " + " | ".join(f"spec. L{lay}" for lay in layers) + " | "
            + " | ".join(f"agree L{lay}" for lay in layers) + " |", "|---|---|" + "---|" * (2 * len(layers))]
@@ -413,7 +433,7 @@ def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str]
             row = [_fmt(float(np.mean([x[i] for x in sp]))) for i in range(len(layers))]
             row += [_fmt(float(np.mean([x[i] for x in ag]))) if ag else "–" for i in range(len(layers))]
             md.append(f"| {_label(spec, a)} | {st} | " + " | ".join(row) + " |")
-    md += ["", "Ceiling per layer: " + ", ".join(_fmt(x) for x in ceil_l)
+    md += ["", f"`{ref}` seed-to-seed agreement per layer: " + ", ".join(_fmt(x) for x in ceil_l)
            + (f"; modality-only baseline ≈ {np.mean(shuffled):.3f}" if shuffled else ""), ""]
     return md
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -258,6 +259,16 @@ class StudyRunner:
         (plan.run_dir / "analysis.json").write_text(json.dumps(analysis) + "\n")
         return f"probed {len(ckpts)} checkpoint(s)"
 
+    def prune(self, plan: RunPlan) -> None:
+        """Once a run is probed its tracked checkpoints have served; keep only the final (resume) one."""
+        if self.spec.keep_tracked_checkpoints or not self.is_analysed(plan):
+            return
+        latest = plan.run_dir / "checkpoints" / "latest"
+        final = latest.read_text().strip() if latest.is_file() else None
+        for _, path in list_checkpoints(plan.run_dir):
+            if final is not None and path.name != final:
+                shutil.rmtree(path, ignore_errors=True)
+
     def _evaluate_on(self, model, cfg: JobConfig, ds: str, device: str) -> dict[str, float]:
         paths = self.data_paths()[ds]
         data = cfg.data.__class__(**{**cfg.data.__dict__, "eval_shards": paths["eval"], "tokenizer": paths["tokenizer"], "num_workers": 0})
@@ -268,10 +279,12 @@ class StudyRunner:
 
     # ---- the whole study ------------------------------------------------------------------------
 
-    def _one(self, plan: RunPlan, index: int, total: int) -> None:
+    def _one(self, plan: RunPlan, index: int, total: int) -> bool:
         trained = self.train(plan)
         analysed = self.analyse(plan)
+        self.prune(plan)
         self.log(f"[{index}/{total}] {plan.name}: {trained}; {analysed}")
+        return trained.startswith("trained")
 
     def run(self, *, report: bool = True) -> Path | None:
         """Everything: data, runs (skipping complete ones), analysis, report. Returns the report path."""
@@ -282,18 +295,19 @@ class StudyRunner:
         stages = [[p for p in plans if not self.spec.arms[p.arm].target_from],
                   [p for p in plans if self.spec.arms[p.arm].target_from]]
         t0 = time.perf_counter()
-        index = 0
+        index, trained = 0, 0
         for stage in stages:
             numbered = [(p, index + i + 1) for i, p in enumerate(stage)]
             index += len(stage)
             if self.jobs > 1 and len(stage) > 1:
                 with ThreadPoolExecutor(self.jobs) as pool:
-                    for f in [pool.submit(self._one, p, i, len(plans)) for p, i in numbered]:
-                        f.result()
+                    trained += sum(f.result() for f in [pool.submit(self._one, p, i, len(plans)) for p, i in numbered])
             else:
-                for p, i in numbered:
-                    self._one(p, i, len(plans))
-        self.log(f"all {len(plans)} runs done in {time.perf_counter() - t0:.0f} s")
+                trained += sum(self._one(p, i, len(plans)) for p, i in numbered)
+        seconds = time.perf_counter() - t0
+        self.log(f"all {len(plans)} runs done in {seconds:.0f} s ({trained} trained now)")
+        if trained:  # the end-to-end time of the last invocation that trained something, for the report
+            (self.out / "timing.json").write_text(json.dumps({"wall_s": seconds, "trained_runs": trained, "jobs": self.jobs}) + "\n")
         if not report:
             return None
         from .report import write_study_report

@@ -97,6 +97,7 @@ class StudySpec:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 300
     track_points: int = 5  # checkpoints per run kept and probed for the curves over steps
+    keep_tracked_checkpoints: bool = False  # False: once probed, only each run's final checkpoint stays
     data: dict[str, DataSpec] = field(default_factory=lambda: {"source": DataSpec()})
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     arms: dict[str, ArmSpec] = field(default_factory=dict)
