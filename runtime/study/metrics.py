@@ -20,8 +20,10 @@ Legend: M modalities, E experts, N probe tokens, D feature width. Formulas (also
 from __future__ import annotations
 
 import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
 
-from .assignment import max_weight_assignment
+from ..moe.stats import specialisation_index as moe_specialisation_index
 
 __all__ = [
     "specialisation_index",
@@ -56,21 +58,9 @@ def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def specialisation_index(counts_ME) -> float:
-    """I(modality; expert) / H(modality) of a slot-count table (0 = independent, 1 = deterministic).
-
-    A table with a single modality has H(m) = 0 and index 0 by convention."""
-    c = _table(counts_ME)
-    total = c.sum()
-    if total <= 0:
-        return 0.0
-    joint = c / total
-    p_m = joint.sum(1)
-    p_e = joint.sum(0)
-    h_m = float(_entropy(p_m))
-    if h_m <= 0:
-        return 0.0
-    mi = float(_entropy(p_m) + _entropy(p_e) - _entropy(joint.reshape(-1)))
-    return min(max(mi / h_m, 0.0), 1.0)
+    """I(modality; expert) / H(modality) of a slot-count table (0 = independent, 1 = deterministic);
+    the trainer's own metric (``runtime/moe/stats.py``), on numpy tables."""
+    return min(max(moe_specialisation_index(torch.as_tensor(_table(counts_ME))), 0.0), 1.0)
 
 
 def load_shares(counts_ME) -> np.ndarray:
@@ -143,7 +133,7 @@ def matched_agreement(choice_a_N, choice_b_N, num_experts: int) -> tuple[float, 
     permutation ``perm`` (a's expert i ↦ b's expert perm[i]), equals b's. 1 = same partition."""
     co = cooccurrence(choice_a_N, choice_b_N, num_experts)
     total = co.sum()
-    perm = max_weight_assignment(co)
+    perm = linear_sum_assignment(co, maximize=True)[1]  # Hungarian: best relabelling of a's experts
     if total <= 0:
         return 0.0, perm
     return float(co[np.arange(num_experts), perm].sum() / total), perm

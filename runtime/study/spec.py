@@ -138,6 +138,10 @@ class StudySpec:
             check(p in self.data, "study.probe.datasets", f"{p!r} is not a data set of this study ({list(self.data)})")
         check(self.probe.batches >= 1 and self.probe.batch_size >= 1 and self.probe.cka_tokens >= 2,
               "study.probe", "batches, batch_size must be >= 1 and cka_tokens >= 2")
+        for where, values in [("study.set", self.set)] + [(f"study.arms.{n}.set", a.set) for n, a in self.arms.items()]:
+            nested = [k for k, v in values.items() if isinstance(v, dict)]
+            check(not nested, where, f"takes dotted keys with plain values (model.moe.top_k: 2), got a mapping under {nested}; "
+                  "edit a copy of the study file rather than --set study.arms.X.set.a.b=...")
         for name, arm in self.arms.items():
             check(bool(name) and "/" not in name and "-s" not in name, f"study.arms.{name}",
                   "arm names must be non-empty, without '/' or '-s' (run folders are <arm>-s<seed>)")
