@@ -25,7 +25,31 @@ def _group_info(group: ProcessGroup) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """What both parallel linears share: building this rank's shard from a full ``nn.Linear``."""
+
+    tp_rank: int
+    tp_size: int
+
+    def tp_shard_specs(self) -> dict[str, ShardSpec]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_full(cls, linear: nn.Linear, tp_group: ProcessGroup, **kwargs):
+        """This rank's shard of a full ``nn.Linear`` (same on every rank), for parity and conversion:
+        sharded parameters are cut by their spec, replicated ones copied whole."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)
+        specs = layer.tp_shard_specs()
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                full = getattr(linear, name)
+                p.copy_(specs[name].shard(full, layer.tp_rank, layer.tp_size) if name in specs else full)
+        return layer
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """``y[…, O/W] = x[…, I] @ weight[O/W, I]ᵀ (+ bias[O/W])``: this rank's slice of the outputs.
 
     ``chunks=2`` for a stacked [gate; up] projection, so each rank keeps [gate shard; up shard].
@@ -62,18 +86,6 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(local_out, device=device, dtype=dtype)) if bias else None
         nn.init.normal_(self.weight, std=init_std)
 
-    @classmethod
-    def from_full(cls, linear: nn.Linear, tp_group: ProcessGroup, **kwargs) -> "ColumnParallelLinear":
-        """This rank's shard of a full ``nn.Linear`` (same on every rank), for parity and conversion."""
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(layer.spec.shard(w, layer.tp_rank, layer.tp_size))
-            if layer.bias is not None:
-                layer.bias.copy_(layer.spec.shard(linear.bias, layer.tp_rank, layer.tp_size))
-        return layer
-
     def tp_shard_specs(self) -> dict[str, ShardSpec]:
         specs = {"weight": self.spec}
         if self.bias is not None:
@@ -92,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """``y[…, O] = Σ_ranks x[…, I/W] @ weight[O, I/W]ᵀ (+ bias[O])``: takes a feature-sharded input
     (a column-parallel layer's output) and returns the full, replicated output. The bias is
     replicated and added once, after the sum."""
@@ -117,18 +129,6 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         nn.init.normal_(self.weight, std=init_std)
-
-    @classmethod
-    def from_full(cls, linear: nn.Linear, tp_group: ProcessGroup, **kwargs) -> "RowParallelLinear":
-        """This rank's shard of a full ``nn.Linear`` (same on every rank), for parity and conversion."""
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(layer.spec.shard(w, layer.tp_rank, layer.tp_size))
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
 
     def tp_shard_specs(self) -> dict[str, ShardSpec]:
         return {"weight": self.spec}
