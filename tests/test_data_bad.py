@@ -1,37 +1,11 @@
 """Broken samples and shards are skipped and counted by reason; mostly-broken data raises."""
 
-import io
 import random
-import tarfile
 
 import pytest
-import webdataset as wds
+from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
 
-from modalmoe.runtime.data import (
-    BAD_REASONS,
-    BadDataError,
-    DataConfig,
-    build_loader,
-    make_demo,
-    render_scene,
-    sample_scene,
-)
-
-
-def _image(i, fmt="PNG"):
-    buf = io.BytesIO()
-    render_scene(sample_scene(random.Random(i)), 32).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _write(path, samples):
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write(s)
-
-
-def _good(prefix, n):
-    return [{"__key__": f"{prefix}-{i:04d}", "png": _image(i), "txt": b"a small red circle"} for i in range(n)]
+from modalmoe.runtime.data import BAD_REASONS, BadDataError, DataConfig, build_loader, make_demo
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +15,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
-    """Six shards: two good, one with one sample of each bad kind, a cut tar, a zero-byte and a non-tar."""
-    root = tmp_path_factory.mktemp("broken")
-    _write(root / "s0-good.tar", _good("g0", 10))
-    jpeg = _image(1, "JPEG")
-    png = _image(2)
-    bad = [
-        {"__key__": "bad-jpeg", "jpg": jpeg[: len(jpeg) // 2], "txt": b"a truncated jpeg"},
-        {"__key__": "bad-png", "png": b"\x00BADHDR\x00" + png[8:], "txt": b"a png with a bad header"},
-        {"__key__": "bad-notxt", "png": png, "json": b"{}"},
-        {"__key__": "bad-empty", "png": png, "txt": b"  \n"},
-        {"__key__": "bad-utf8", "png": png, "txt": b"caf\xe9 \xff\xfe"},
-        {"__key__": "bad-noimg", "txt": b"a caption without an image", "json": b"{}"},
-    ]
-    _write(root / "s1-mixed.tar", _good("m", 4) + bad + _good("n", 4))
-    _write(root / "s2-full.tar", [dict(s, json=b"{}") for s in _good("c", 10)])
-    with tarfile.open(root / "s2-full.tar") as tar:
-        cut_at = next(m for m in tar.getmembers() if m.name == "c-0006.png").offset_data + 200
-    (root / "s2-cut.tar").write_bytes((root / "s2-full.tar").read_bytes()[:cut_at])
-    (root / "s2-full.tar").unlink()
-    (root / "s3-zero.tar").write_bytes(b"")
-    (root / "s4-notar.tar").write_bytes(b"this is not a tar archive\n" * 100)
-    _write(root / "s5-good.tar", _good("g5", 10))
-    return root
+    return write_broken_shards(tmp_path_factory.mktemp("broken"))
 
 
 def _cfg(root, tok, **kw):
@@ -130,10 +82,10 @@ def test_training_keeps_flowing_past_bad_data(broken, tok, workers):
 @pytest.fixture(scope="module")
 def mostly_bad(tmp_path_factory):
     root = tmp_path_factory.mktemp("mostly_bad")
-    samples = [{"__key__": f"x-{i:04d}", "png": _image(i)} for i in range(30)] + _good("ok", 6)
+    samples = [{"__key__": f"x-{i:04d}", "png": image_bytes(i)} for i in range(30)] + good_samples("ok", 6)
     random.Random(0).shuffle(samples)
-    _write(root / "s0.tar", samples[:18])
-    _write(root / "s1.tar", samples[18:])
+    write_tar(root / "s0.tar", samples[:18])
+    write_tar(root / "s1.tar", samples[18:])
     return root
 
 

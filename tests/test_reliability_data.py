@@ -4,22 +4,21 @@ over the data-parallel replicas."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import subprocess
 import sys
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from dist_utils import run_distributed
-from modalmoe.launch.cli import main
-from modalmoe.runtime.data import make_demo, render_scene, sample_scene
-from modalmoe.runtime.faults import EXIT_BAD_DATA
 from parity_utils import MODEL, FixedBatches, data_overrides, global_batches
+from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
+
+from modalmoe.launch.cli import main
+from modalmoe.runtime.data import make_demo
+from modalmoe.runtime.faults import EXIT_BAD_DATA
 
 TINY = [
     "model.hidden_size=32", "model.num_heads=2", "model.num_layers=2", "model.ffn_hidden_size=64",
@@ -28,22 +27,6 @@ TINY = [
     "data.bad_check_min_samples=8", "data.eval_shards=[]",
     "train.log_every=2", "train.progress=false", "train.tensorboard=false", "train.report=false", "train.warmup_steps=1",
 ]
-
-
-def _image(i: int, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    render_scene(sample_scene(random.Random(i)), 32).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _write(path: Path, samples: list[dict]) -> None:
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write(s)
-
-
-def _good(prefix: str, n: int) -> list[dict]:
-    return [{"__key__": f"{prefix}-{i:04d}", "png": _image(i), "txt": b"a small red circle"} for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -56,34 +39,15 @@ def tokenizer(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory) -> Path:
     """Every kind of breakage the issue lists, between good shards and good samples."""
-    root = tmp_path_factory.mktemp("broken")
-    jpeg, png = _image(1, "JPEG"), _image(2)
-    bad = [
-        {"__key__": "bad-jpeg", "jpg": jpeg[: len(jpeg) // 2], "txt": b"a truncated jpeg"},
-        {"__key__": "bad-png", "png": b"\x00BADHDR\x00" + png[8:], "txt": b"a png with a bad header"},
-        {"__key__": "bad-notxt", "png": png, "json": b"{}"},
-        {"__key__": "bad-empty", "png": png, "txt": b"  \n"},
-        {"__key__": "bad-utf8", "png": png, "txt": b"caf\xe9 \xff\xfe"},
-    ]
-    _write(root / "s0-good.tar", _good("g0", 12))
-    _write(root / "s1-mixed.tar", _good("m", 4) + bad + _good("n", 4))
-    _write(root / "s2-full.tar", [dict(s, json=b"{}") for s in _good("c", 10)])
-    with tarfile.open(root / "s2-full.tar") as tar:
-        cut_at = next(m for m in tar.getmembers() if m.name == "c-0006.png").offset_data + 200
-    (root / "s2-cut.tar").write_bytes((root / "s2-full.tar").read_bytes()[:cut_at])
-    (root / "s2-full.tar").unlink()
-    (root / "s3-zero.tar").write_bytes(b"")
-    (root / "s4-notar.tar").write_bytes(b"this is not a tar archive\n" * 100)
-    _write(root / "s5-good.tar", _good("g5", 12))
-    return root
+    return write_broken_shards(tmp_path_factory.mktemp("broken"))
 
 
 @pytest.fixture(scope="module")
 def mostly_broken(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mostly_broken")
-    samples = [{"__key__": f"x-{i:04d}", "png": _image(i), "txt": b" "} for i in range(30)] + _good("ok", 4)
+    samples = [{"__key__": f"x-{i:04d}", "png": image_bytes(i), "txt": b" "} for i in range(30)] + good_samples("ok", 4)
     random.Random(0).shuffle(samples)
-    _write(root / "s0.tar", samples)
+    write_tar(root / "s0.tar", samples)
     return root
 
 

@@ -28,8 +28,14 @@ def _group_info(group: ProcessGroup) -> tuple[int, int]:
 class _ShardedLinear(nn.Module):
     """What both parallel linears share: building this rank's shard from a full ``nn.Linear``."""
 
-    tp_rank: int
-    tp_size: int
+    def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup, spec: ShardSpec, what: str):
+        super().__init__()
+        self.tp_group = tp_group
+        self.tp_rank, self.tp_size = _group_info(tp_group)
+        self.spec = spec
+        size = out_features if spec.dim == 0 else in_features
+        self.spec.check(size, self.tp_size, f"{type(self).__name__} {what}={size}")
+        self.in_features, self.out_features = in_features, out_features
 
     def tp_shard_specs(self) -> dict[str, ShardSpec]:
         raise NotImplementedError
@@ -72,12 +78,7 @@ class ColumnParallelLinear(_ShardedLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        self.tp_group = tp_group
-        self.tp_rank, self.tp_size = _group_info(tp_group)
-        self.spec = ShardSpec(dim=0, chunks=chunks)
-        self.spec.check(out_features, self.tp_size, f"ColumnParallelLinear out_features={out_features}")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, tp_group, ShardSpec(dim=0, chunks=chunks), "out_features")
         self.copy_input, self.gather_output = copy_input, gather_output
         if gather_output and chunks != 1:
             raise ValueError("gather_output with chunks > 1 would interleave the stacked blocks; gather per block")
@@ -120,12 +121,7 @@ class RowParallelLinear(_ShardedLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        self.tp_group = tp_group
-        self.tp_rank, self.tp_size = _group_info(tp_group)
-        self.spec = ShardSpec(dim=1)
-        self.spec.check(in_features, self.tp_size, f"RowParallelLinear in_features={in_features}")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, tp_group, ShardSpec(dim=1), "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         nn.init.normal_(self.weight, std=init_std)
