@@ -196,10 +196,9 @@ def permute(
     _check_permute_args(x_TH, topk_idx_Tk, num_experts, pad_multiple, capacity)
     if not HAS_EXTENSION:
         return permute_reference(x_TH, topk_idx_Tk, num_experts, pad_multiple=pad_multiple, capacity=capacity)
-    counts, padded, offsets, row_of, src_slot, dropped = torch.ops.modalmoe.build_plan(
-        topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity
+    x_perm_RH, counts, padded, offsets, row_of, src_slot, dropped = torch.ops.modalmoe.permute_rows(
+        x_TH, topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity
     )
-    x_perm_RH = torch.ops.modalmoe.gather_rows(x_TH, src_slot, row_of, None)
     plan = PermutePlan(
         counts=counts,
         padded_counts=padded,
@@ -285,6 +284,12 @@ def _register_python_kernels() -> None:
             topk_idx_Tk.new_empty(topk_idx_Tk.shape, dtype=torch.bool),
         )
 
+    @torch.library.register_fake("modalmoe::permute_rows")
+    def _(x_TH, topk_idx_Tk, num_experts, pad_multiple, capacity):
+        torch._check(x_TH.shape[0] == topk_idx_Tk.shape[0])
+        plan = torch.ops.modalmoe.build_plan.default(topk_idx_Tk, num_experts, pad_multiple, capacity)
+        return (x_TH.new_empty(plan[4].shape[0], x_TH.shape[1]), *plan)
+
     @torch.library.register_fake("modalmoe::gather_rows")
     def _(x_TH, src_slot_R, row_of_Tk, weights_Tk):
         torch._check(x_TH.shape[0] == row_of_Tk.shape[0])
@@ -330,6 +335,15 @@ def _register_python_kernels() -> None:
             grad_w = ops.slot_dot(grad_TH, y_RH, row_of_Tk, weights_Tk.dtype)
         return grad_y, None, None, grad_w
 
+    def permute_rows_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[4], output[5])  # row_of, src_slot
+
+    def permute_rows_backward(ctx, grad_RH, *_plan_grads):
+        row_of_Tk, src_slot_R = ctx.saved_tensors
+        grad_x = ops.combine_rows(grad_RH, row_of_Tk, src_slot_R, None) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+    torch.library.register_autograd("modalmoe::permute_rows", permute_rows_backward, setup_context=permute_rows_setup)
     torch.library.register_autograd(
         "modalmoe::gather_rows", gather_rows_backward, setup_context=save_rows_plan_weights
     )

@@ -5,7 +5,12 @@ no routing, no permutation and no imbalance. modalmoe runs dropless; DeepSpeed-M
 capacity-factor path (1.25), which drops tokens. Ratios are time / ideal time, median of repeats,
 the three timed in interleaved rounds so that machine noise hits them alike.
 
-    python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5]
+glibc is told to keep freed memory (``runtime/cpu_memory.py``, what the trainer does on CPU), so
+all three reuse their buffers instead of page-faulting a fresh mmap for every tensor of 32 MiB or
+more; ``--fresh-pages`` keeps glibc's defaults (every contender slows down; the ratios are printed
+for that regime too when it is asked for).
+
+    python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5] [--fresh-pages]
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import time
 import torch
 from torch import nn
 
+from bench_permute import time_interleaved
 from modalmoe import ops
+from modalmoe.runtime.cpu_memory import keep_freed_memory
 from modalmoe.runtime.moe import MoEConfig, MoELayer
 
 
@@ -89,17 +96,13 @@ def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: 
 
 
 def bench_permute(T: int, H: int, E: int, k: int, repeats: int) -> dict[str, float]:
+    """Median ms of permute and of clone() of the same [T*k, H] rows, in warmed interleaved bursts."""
     torch.manual_seed(0)
     x = torch.randn(T, H)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     rows = x.repeat_interleave(k, 0)
-    ops.permute(x, idx, E)
     fns = {"clone": lambda: rows.clone(), "permute": lambda: ops.permute(x, idx, E)}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: median for name, (median, _) in time_interleaved(fns, warmup=3, repeats=repeats).items()}
 
 
 def main() -> None:
@@ -111,8 +114,11 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--fresh-pages", action="store_true", help="keep glibc's malloc defaults")
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, extension: {ops.HAS_EXTENSION}")
+    reuse = not a.fresh_pages and keep_freed_memory()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, extension: {ops.HAS_EXTENSION}, "
+          f"allocator: {'freed memory reused (as the trainer does)' if reuse else 'glibc defaults (fresh pages)'}")
     print(f"T={a.tokens} H={a.hidden} F={a.ffn} top-{a.top_k}, fwd+bwd, median of {a.repeats}")
     for E in a.experts:
         t = bench(a.tokens, a.hidden, a.ffn, E, a.top_k, a.repeats, not a.no_deepspeed)
@@ -121,8 +127,8 @@ def main() -> None:
             line += f" | deepspeed (cf 1.25) {t['deepspeed'] * 1e3:7.1f} ms = {t['deepspeed'] / t['ideal']:.2f}x ideal"
             line += f" | deepspeed / modalmoe = {t['deepspeed'] / t['modalmoe']:.2f}"
         print(line, flush=True)
-        p = bench_permute(a.tokens, a.hidden, E, a.top_k, max(a.repeats, 10))
-        print(f"       permute {p['permute'] * 1e3:6.2f} ms vs clone of the same rows {p['clone'] * 1e3:6.2f} ms: "
+        p = bench_permute(a.tokens, a.hidden, E, a.top_k, 40)
+        print(f"       permute {p['permute']:6.2f} ms vs clone of the same rows {p['clone']:6.2f} ms: "
               f"{p['clone'] / p['permute']:.2f} of clone bandwidth", flush=True)
 
 

@@ -5,7 +5,7 @@ permute writes T*k rows of H, so ``clone()`` of a [T*k, H] tensor is the bandwid
 index_select / index_add path (the ops' reference) is timed beside it. Candidates run in
 interleaved warmed-up bursts, so they share the machine's state; medians are reported
 (minima too: on a shared, busy machine the median picks up preemption). By default glibc is told to
-reuse freed memory (mallopt) so the timings measure the kernels rather than the page faults of a
+reuse freed memory (mallopt, as the trainer does on CPU) so the timings measure the kernels rather than the page faults of a
 fresh 32 MiB mmap on every call; ``--fresh-pages`` keeps glibc's defaults.
 
 Legend: T tokens, k slots per token, E experts, H hidden, R = T*k permuted rows.
@@ -16,7 +16,6 @@ Run: ``python benchmarks/bench_permute.py [--tokens 16384 --top-k 2 --hidden 256
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from modalmoe import ops
+from modalmoe.runtime.cpu_memory import keep_freed_memory
 
 __all__ = ["main", "time_interleaved"]
 
@@ -46,14 +46,6 @@ def time_interleaved(
     return {name: (1e3 * statistics.median(t), 1e3 * min(t)) for name, t in times.items()}
 
 
-def keep_freed_memory() -> None:
-    """Stop glibc returning big blocks to the OS, so repeated allocations skip page faults."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
 def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     x_TH = torch.randn(T, H, generator=gen)
@@ -74,9 +66,9 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
 
     timings = {
         "clone [T*k, H]": lambda: rows_RH.clone(),
-        "permute (plan + gather)": lambda: ops.permute(x_TH, topk_idx_Tk, E),
+        "permute (one op: plan + rows)": lambda: ops.permute(x_TH, topk_idx_Tk, E),
         "  build_plan only": lambda: torch.ops.modalmoe.build_plan(topk_idx_Tk, E, 1, -1),
-        "  gather only": lambda: torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None),
+        "  gather only (as in the plain path)": lambda: torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None),
         "unpermute (weighted)": lambda: ops.unpermute(x_perm_RH, plan, topk_w_Tk),
         "ref permute (argsort plan + index_select)": lambda: ops.permute_reference(x_TH, topk_idx_Tk, E),
         "ref gather only (index_select)": lambda: x_TH.index_select(0, src_tok_R),
@@ -85,7 +77,7 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
     }
     ms = time_interleaved(timings, warmup=warmup, repeats=repeats)
     clone = ms["clone [T*k, H]"][0]
-    permute_ms, unpermute_ms = ms["permute (plan + gather)"][0], ms["unpermute (weighted)"][0]
+    permute_ms, unpermute_ms = ms["permute (one op: plan + rows)"][0], ms["unpermute (weighted)"][0]
     mib = T * k * H * x_TH.element_size() / 2**20
     print(f"\nT={T} k={k} H={H} E={E} float32, {torch.get_num_threads()} threads, {mib:.0f} MiB of rows")
     print(f"  {'':<44s} {'median':>9s} {'min':>9s}   clone/this (medians)")
@@ -93,7 +85,7 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
         print(f"  {name:<44s} {median:6.3f} ms {best:6.3f} ms   {clone / median:5.2f}")
     clone_min = ms["clone [T*k, H]"][1]
     print(f"  => bandwidth fraction (clone / op): permute {clone / permute_ms:.2f}, unpermute "
-          f"{clone / unpermute_ms:.2f} (from minima: {clone_min / ms['permute (plan + gather)'][1]:.2f}, "
+          f"{clone / unpermute_ms:.2f} (from minima: {clone_min / ms['permute (one op: plan + rows)'][1]:.2f}, "
           f"{clone_min / ms['unpermute (weighted)'][1]:.2f}); speedup over the reference: permute "
           f"{ms['ref permute (argsort plan + index_select)'][0] / permute_ms:.1f}x, unpermute "
           f"{ms['ref unpermute (index_select + index_add)'][0] / unpermute_ms:.1f}x")

@@ -24,6 +24,13 @@ using Plan = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tens
 Plan build_plan_cpu(const at::Tensor& topk_idx_Tk, int64_t num_experts, int64_t pad_multiple,
                     int64_t capacity);
 
+// (x_perm [R, H] with zero padding rows, then the Plan's six tensors)
+using Permuted = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// build_plan and the row copy in one pass over the slots.
+Permuted permute_rows_cpu(const at::Tensor& x_TH, const at::Tensor& topk_idx_Tk, int64_t num_experts,
+                          int64_t pad_multiple, int64_t capacity);
+
 // out[r] = w[s] * x[s / k] for s = src_slot[r] >= 0, zero rows where s == -1.
 at::Tensor gather_rows_cpu(const at::Tensor& x_TH, const at::Tensor& src_slot_R,
                            const at::Tensor& row_of_Tk, const std::optional<at::Tensor>& weights_Tk);
@@ -35,6 +42,10 @@ at::Tensor combine_rows_cpu(const at::Tensor& y_RH, const at::Tensor& row_of_Tk,
 // out[t, j] = <tokens[t], rows[row_of[t, j]]>, 0 where row_of == -1.
 at::Tensor slot_dot_cpu(const at::Tensor& tokens_TH, const at::Tensor& rows_RH,
                         const at::Tensor& row_of_Tk, c10::ScalarType dtype);
+
+// CPU ops that read + write at least this many bytes store their output non-temporally; < 0
+// restores the default (the last-level cache size). Returns the previous setting. For tests and tuning.
+int64_t set_streaming_min_bytes(int64_t bytes);
 
 // out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ w[e]; any device.
 at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntArrayRef offsets);

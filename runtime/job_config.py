@@ -46,6 +46,7 @@ class TrainConfig:
     tensorboard: bool = True
     report: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    cpu_keep_freed_memory: bool = True  # on CPU, glibc keeps freed blocks for reuse (runtime/cpu_memory.py)
     # faults (README "When things go wrong")
     collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (gloo/NCCL timeout)
     heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared lost; 0 = no watchdog

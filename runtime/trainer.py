@@ -20,6 +20,7 @@ from ..models.config import IMAGE, TEXT
 from ..models.params import count_parameters
 from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
+from .cpu_memory import keep_freed_memory
 from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
 from .data.counts import BAD_REASONS
@@ -88,6 +89,8 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = _device(t.device)
+        if self.device.type == "cpu" and t.cpu_keep_freed_memory:
+            keep_freed_memory()
         self.dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
         check_vocab_size(self.tokenizer, cfg.model.vocab_size)

@@ -192,22 +192,38 @@ def test_values_and_grads_match_reference(dtype, device) -> None:
     torch.testing.assert_close(gw, rgw, **({"rtol": 2e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {}))
 
 
+@pytest.fixture
+def streaming_min_bytes():
+    """Set the CPU kernels' non-temporal-store threshold for one test (default: the LLC size)."""
+    from modalmoe import _C
+
+    yield _C.set_streaming_min_bytes
+    _C.set_streaming_min_bytes(-1)
+
+
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_outputs(dtype, device) -> None:
-    """Outputs of 8 MiB and more take the CPU kernels' non-temporal store path."""
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
+@pytest.mark.parametrize("pad, cap", [(1, None), (16, None), (4, 300)])
+def test_store_paths(stream, pad, cap, dtype, device, streaming_min_bytes) -> None:
+    """Both CPU store paths: non-temporal (the plan's scatter pass copies the rows) and plain (a
+    gather after the plan), with padding rows and capacity drops."""
+    streaming_min_bytes(0 if stream else 1 << 62)
     gen = torch.Generator().manual_seed(9)
-    T, k, E, H = 16384, 2, 8, 256 if dtype == torch.bfloat16 else 128
+    T, k, E, H = 2048, 2, 8, 64 if dtype == torch.bfloat16 else 32
     idx_Tk = random_topk(T, k, E, gen=gen, unrouted=0.01).to(device)
     x_TH = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
     w_Tk = torch.rand(T, k, generator=gen).to(device)
-    x_perm, plan = ops.permute(x_TH, idx_Tk, E, pad_multiple=16)
-    ref_perm, ref_plan = ops.permute_reference(x_TH, idx_Tk, E, pad_multiple=16)
-    assert x_perm.numel() * x_perm.element_size() >= 8 << 20
-    assert torch.equal(x_perm, ref_perm)
+    x_perm, plan = ops.permute(x_TH, idx_Tk, E, pad_multiple=pad, capacity=cap)
+    ref_perm, ref_plan = ops.permute_reference(x_TH, idx_Tk, E, pad_multiple=pad, capacity=cap)
+    assert torch.equal(x_perm, ref_perm) and torch.equal(plan.src_slot, ref_plan.src_slot)
+    assert torch.equal(plan.row_of, ref_plan.row_of) and torch.equal(plan.dropped, ref_plan.dropped)
     tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(ops.unpermute(x_perm, plan, w_Tk), ops.unpermute_reference(ref_perm, ref_plan, w_Tk), **tol)
     torch.testing.assert_close(ops.unpermute(x_perm, plan), ops.unpermute_reference(ref_perm, ref_plan), **tol)
+    rows = torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None)
+    assert torch.equal(rows, ref_perm)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -309,6 +325,9 @@ def _opcheck_samples(device: str) -> list[tuple[str, tuple]]:
     return [
         ("build_plan", (idx_Tk, E, 1, -1)),
         ("build_plan", (idx_Tk.int(), E, 4, 2)),
+        ("permute_rows", (leaf(T, H), idx_Tk, E, 1, -1)),
+        ("permute_rows", (leaf(T, H, dtype=torch.float64), idx_Tk.int(), E, 2, 3)),
+        ("permute_rows", (leaf(T, H, dtype=torch.bfloat16), idx_Tk, E, 4, 2)),
         ("gather_rows", (leaf(T, H), src_slot, row_of, None)),
         ("gather_rows", (leaf(T, H), src_slot, row_of, leaf(T, k))),
         ("gather_rows", (leaf(T, H, dtype=torch.bfloat16), src_slot, row_of, leaf(T, k))),

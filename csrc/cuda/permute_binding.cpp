@@ -109,6 +109,19 @@ at::Tensor gather_rows_cuda(const at::Tensor& x_TH, const at::Tensor& src_slot_R
   return out;
 }
 
+// On the GPU the plan and the row copy stay two kernels behind the one op.
+Permuted permute_rows_cuda(const at::Tensor& x_TH, const at::Tensor& topk_idx_Tk, int64_t num_experts,
+                           int64_t pad_multiple, int64_t capacity) {
+  check_values(x_TH, "x");
+  check_cuda(topk_idx_Tk, x_TH, "topk_idx");
+  TORCH_CHECK(x_TH.size(0) == topk_idx_Tk.size(0), "modalmoe.permute: x has ", x_TH.size(0),
+              " tokens but topk_idx has ", topk_idx_Tk.size(0));
+  auto [counts, padded, offsets, row_of, src_slot, dropped] =
+      build_plan_cuda(topk_idx_Tk, num_experts, pad_multiple, capacity);
+  at::Tensor x_perm = gather_rows_cuda(x_TH, src_slot, row_of, std::nullopt);
+  return {x_perm, counts, padded, offsets, row_of, src_slot, dropped};
+}
+
 at::Tensor combine_rows_cuda(const at::Tensor& y_RH, const at::Tensor& row_of_Tk, const at::Tensor& src_slot_R,
                              const std::optional<at::Tensor>& weights_Tk) {
   check_values(y_RH, "y_perm");
@@ -152,6 +165,7 @@ at::Tensor slot_dot_cuda(const at::Tensor& tokens_TH, const at::Tensor& rows_RH,
 
 TORCH_LIBRARY_IMPL(modalmoe, CUDA, m) {
   m.impl("build_plan", &build_plan_cuda);
+  m.impl("permute_rows", &permute_rows_cuda);
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("combine_rows", &combine_rows_cuda);
   m.impl("slot_dot", &slot_dot_cuda);
