@@ -21,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "init_from_env",
     "all_reduce_sum",
+    "shared_loss_sum",
     "all_to_all_rows",
     "reduce_gradients",
     "is_expert_param",
@@ -67,6 +68,38 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(x: Tensor, group) -> Tensor:
     """Differentiable SUM all-reduce over ``group`` (out of place)."""
     return _AllReduceSum.apply(x, group)
+
+
+class _SharedLossSum(torch.autograd.Function):
+    """y = Σ_ranks x, computed by an all-gather that also carries one ``extra`` row per rank.
+
+    Backward has no collective. It is only valid for sums that every rank turns into the same
+    loss with the same weight (the MoE routing sums: all ranks build the aux loss from the same
+    global y and add it unscaled), so dL/dy is identical everywhere and the all-reduce backward,
+    Σ_ranks dL_r/dy, equals n · dL/dy computed locally.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, extra: Tensor | None, group) -> tuple[Tensor, Tensor]:
+        n = dist.get_world_size(group)
+        ctx.n = n
+        row = x.reshape(-1).double() if extra is None else torch.cat([x.reshape(-1).double(), extra.reshape(-1).double()])
+        rows = row.new_empty(n * row.numel())
+        dist.all_gather_into_tensor(rows, row, group=group)
+        rows = rows.view(n, -1)
+        extras = rows[:, x.numel():]
+        ctx.mark_non_differentiable(extras)
+        return rows[:, : x.numel()].sum(0).to(x.dtype).view_as(x), extras
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _extras_grad):
+        return g * ctx.n, None, None
+
+
+def shared_loss_sum(x: Tensor, group, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(Σ_ranks x, every rank's ``extra`` as float64 rows [n, extra.numel()]) in one collective.
+    Exact for integer extras below 2**53; see :class:`_SharedLossSum` for when its gradient holds."""
+    return _SharedLossSum.apply(x, extra, group)
 
 
 def _row_bytes(x: Tensor) -> int:

@@ -15,16 +15,29 @@ __all__ = ["LocalDispatcher"]
 
 
 class LocalDispatcher:
-    """All experts live on this rank."""
+    """All experts live on this rank.
+
+    Dispatch comes in two halves so that an expert-parallel dispatcher can share one collective
+    with the routing sums: :meth:`permute` (local), then :meth:`send` given what
+    :meth:`shared_counts` asked to have gathered (nothing, here).
+    """
 
     def __init__(self, num_experts: int, pad_multiple: int = 1):
         self.num_experts = num_experts
         self.pad_multiple = pad_multiple
 
-    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, "ops.PermutePlan", Tensor]:
-        """Returns (rows for the local experts, the plan, rows per local expert)."""
-        x_RH, plan = ops.permute(x_TH, idx_Tk, self.num_experts, pad_multiple=self.pad_multiple, capacity=capacity)
+    def permute(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, "ops.PermutePlan"]:
+        return ops.permute(x_TH, idx_Tk, self.num_experts, pad_multiple=self.pad_multiple, capacity=capacity)
+
+    def shared_counts(self, plan: "ops.PermutePlan") -> Tensor | None:
+        return None
+
+    def send(self, x_RH: Tensor, plan: "ops.PermutePlan", counts_rows=None, rows_group=None):
+        """Returns (rows for the local experts, what combine needs, rows per local expert)."""
         return x_RH, plan, plan.padded_counts
+
+    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None):
+        return self.send(*self.permute(x_TH, idx_Tk, capacity))
 
     def combine(self, y_RH: Tensor, plan: "ops.PermutePlan", weights_Tk: Tensor) -> Tensor:
         return ops.unpermute(y_RH, plan, weights_Tk)

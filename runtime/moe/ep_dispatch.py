@@ -6,7 +6,8 @@ R rows this rank sends (its kept slots, grouped by global expert), N rows it rec
 Global expert e lives on EP rank ``e // L`` as local expert ``e % L``.
 
 Path: ``ops.permute`` over global expert ids (rows come out grouped by destination peer) →
-all-to-all of the [P, L] count matrix → all-to-all of exactly the R real rows (variable splits,
+the per-expert counts reach the peers (riding the layer's all-gather of the routing sums over the
+DP group, which contains the EP group; or an all-to-all of the [P, L] count matrix) → all-to-all of exactly the R real rows (variable splits,
 no capacity padding on the wire) → regroup the N received rows from peer-major to local-expert-
 major with one gather → experts → the reverse gather and all-to-all → ``ops.unpermute`` with the
 gate weights. Capacity, when set, is applied by each rank to its own slots (per-rank capacity,
@@ -75,6 +76,7 @@ class AllToAllDispatcher:
         self.num_local_experts = num_experts // self.ep_size
         self.bytes_sent = dict.fromkeys(("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd"), 0)
         self.meta_bytes = 0
+        self._positions: dict = {}
 
     @property
     def total_bytes_sent(self) -> int:
@@ -90,13 +92,38 @@ class AllToAllDispatcher:
 
         return on_send
 
-    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, EPPlan, Tensor]:
-        """Returns (rows for the local experts, expert-major; the plan; rows per local expert [L])."""
+    def permute(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, ops.PermutePlan]:
+        """Rows grouped by global expert, hence by destination peer."""
+        return ops.permute(x_TH, idx_Tk, self.num_experts, capacity=capacity)
+
+    def shared_counts(self, plan: ops.PermutePlan) -> Tensor:
+        """What every peer must learn from this rank before the rows move: rows per global expert."""
+        return plan.counts
+
+    def _peer_positions(self, rows_group) -> list[int]:
+        """Where each EP peer's row sits in a gather over ``rows_group`` (which must contain them)."""
+        if rows_group not in self._positions:
+            members = dist.get_process_group_ranks(rows_group)
+            peers = dist.get_process_group_ranks(self.group)
+            missing = [r for r in peers if r not in members]
+            if missing:
+                raise ValueError(f"EP peers {missing} are not in the group the expert counts were gathered over")
+            self._positions[rows_group] = [members.index(r) for r in peers]
+        return self._positions[rows_group]
+
+    def send(self, x_RH: Tensor, plan: ops.PermutePlan, counts_rows: Tensor | None = None, rows_group=None):
+        """Exchange the rows; returns (rows for the local experts, expert-major; the plan; rows per
+        local expert [L]). ``counts_rows`` are the peers' :meth:`shared_counts` gathered over
+        ``rows_group`` (by the layer, with the routing sums); without them the counts go by an
+        all-to-all of their own."""
         P, L = self.ep_size, self.num_local_experts
-        x_RH, plan = ops.permute(x_TH, idx_Tk, self.num_experts, capacity=capacity)
         send_PL = plan.counts.view(P, L).contiguous()  # rows for peer p's local expert l
-        recv_PL = torch.empty_like(send_PL)  # rows from peer p for my local expert l
-        dist.all_to_all_single(recv_PL, send_PL, group=self.group)
+        if counts_rows is None:
+            recv_PL = torch.empty_like(send_PL)  # rows from peer p for my local expert l
+            dist.all_to_all_single(recv_PL, send_PL, group=self.group)
+        else:
+            mine = counts_rows[:, self.ep_rank * L : (self.ep_rank + 1) * L]
+            recv_PL = mine[self._peer_positions(rows_group)].to(torch.int64)
         self.meta_bytes += send_PL.numel() * send_PL.element_size()
         splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
         x_NH = all_to_all_rows(x_RH, splits[0], splits[1], self.group, self._counter("dispatch"))
@@ -105,6 +132,9 @@ class AllToAllDispatcher:
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
         return x_NH.index_select(0, order_N), ep_plan, recv_PL.sum(0)
+
+    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, EPPlan, Tensor]:
+        return self.send(*self.permute(x_TH, idx_Tk, capacity))
 
     def combine(self, y_NH: Tensor, ep_plan: EPPlan, weights_Tk: Tensor) -> Tensor:
         y_peer_NH = y_NH.index_select(0, ep_plan.to_peer_major_N)

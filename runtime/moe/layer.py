@@ -57,13 +57,17 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TH, modality_T, valid_T)
         sums = RoutingSums.compute(routing, modality_T, valid_T, cfg.num_modalities)
-        batch_sums = sums if self.stats_group is None else sums.all_reduce(self.stats_group)
+        cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
+        x_RH, plan = self.dispatcher.permute(x_TH, cap.idx_Tk, cap.kernel_capacity)
+        # one collective gives the losses their global sums and the EP peers their row counts
+        batch_sums, counts_rows = sums, None
+        if self.stats_group is not None:
+            batch_sums, counts_rows = sums.across(self.stats_group, self.dispatcher.shared_counts(plan))
         aux_loss, terms = router_losses(cfg, routing, batch_sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
 
-        cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
-        x_RH, plan, counts_E = self.dispatcher.dispatch(x_TH, cap.idx_Tk, cap.kernel_capacity)
-        y_RH = self.experts(x_RH, counts_E)
-        y_TH = self.dispatcher.combine(y_RH, plan, routing.weights_Tk)
+        x_local, combine_plan, counts_E = self.dispatcher.send(x_RH, plan, counts_rows, self.stats_group)
+        y_RH = self.experts(x_local, counts_E)
+        y_TH = self.dispatcher.combine(y_RH, combine_plan, routing.weights_Tk)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
 

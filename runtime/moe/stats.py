@@ -3,7 +3,7 @@
 Legend: T tokens, E experts, M modalities, k slots. Only real (non-padding) tokens are counted.
 Stats are detached tensors so they can be summed over micro-batches and all-reduced over ranks
 before anything is copied to the host. Under data parallelism the losses need the sums of the whole
-(global) batch, not of one rank's shard: :meth:`RoutingSums.all_reduce` gives them, with grad.
+(global) batch, not of one rank's shard: :meth:`RoutingSums.across` gives them, with grad.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..distributed import all_reduce_sum
+from ..distributed import shared_loss_sum
 from .router import Routing
 
 __all__ = ["RoutingSums", "RoutingStats", "token_entropy", "specialisation_index"]
@@ -57,19 +57,22 @@ class RoutingSums:
             z_sum=(z_T * valid_T).sum(),
         )
 
-    def all_reduce(self, group) -> "RoutingSums":
-        """The sums over every rank of ``group`` (the DP group), in one collective each way.
+    def across(self, group, extra: Tensor | None = None) -> tuple["RoutingSums", Tensor | None]:
+        """The sums over every rank of ``group`` (the DP group), in one all-gather that can also
+        carry a small per-rank ``extra`` vector (the EP dispatcher's expert counts).
 
-        Differentiable: the backward all-reduces (SUM) the grads, so each rank's router gets
-        dp × its share of the global-loss gradient, and DP gradient averaging (÷ dp) then yields
-        exactly the single-process gradient. ``onehot_TM`` stays local (it is per token).
+        Differentiable: each rank's router gets dp × its share of the global-loss gradient, and
+        DP gradient averaging (÷ dp) then yields exactly the single-process gradient. The backward
+        needs no collective because every rank builds the same losses from these same sums
+        (:func:`~..distributed.shared_loss_sum`). ``onehot_TM`` stays local (it is per token).
+        Returns (global sums, every rank's ``extra`` as float64 rows, or None).
         """
         parts = [self.tokens_M, self.load_ME, self.prob_sum_ME, self.entropy_sum_M, self.z_sum]
-        flat = all_reduce_sum(torch.cat([p.reshape(-1) for p in parts]), group)
+        flat, extras = shared_loss_sum(torch.cat([p.reshape(-1) for p in parts]), group, extra)
         tokens_M, load_ME, prob_sum_ME, entropy_sum_M, z_sum = (
             f.view_as(p) for f, p in zip(flat.split([p.numel() for p in parts]), parts)
         )
-        return RoutingSums(
+        sums = RoutingSums(
             onehot_TM=self.onehot_TM,
             tokens_M=tokens_M.detach(),
             load_ME=load_ME.detach(),
@@ -77,6 +80,7 @@ class RoutingSums:
             entropy_sum_M=entropy_sum_M,
             z_sum=z_sum,
         )
+        return sums, (extras if extra is not None else None)
 
 
 @dataclass
