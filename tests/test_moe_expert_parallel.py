@@ -282,6 +282,37 @@ def test_losses_match_between_worlds():
         assert math.isfinite(auxes[0])
 
 
+def _count_paths_worker(rank: int, world: int, ep: int) -> dict:
+    """The EP dispatcher fed counts gathered over the DP group (the layer's path, riding the routing
+    sums) and the same dispatcher exchanging them by its own all-to-all must move the same rows."""
+    from modalmoe.runtime.moe.ep_dispatch import AllToAllDispatcher
+    from modalmoe.runtime.moe.stats import RoutingSums
+
+    state = ParallelState.build(Layout(world, ep=ep))
+    gen = torch.Generator().manual_seed(100 + rank)
+    E, T, H = 8, 40, 6
+    idx_Tk = torch.randint(-1, E, (T, 2), generator=gen)
+    x_TH = torch.randn(T, H, generator=gen, requires_grad=True)
+    disp = AllToAllDispatcher(E, state.ep_group)
+    x_own, plan_own, counts_own = disp.dispatch(x_TH, idx_Tk, None)
+    zeros = torch.zeros(1)
+    sums = RoutingSums(zeros, zeros, zeros, zeros, zeros, zeros[0])
+    x_RH, plan = disp.permute(x_TH, idx_Tk, None)
+    _, counts_rows = sums.across(state.dp_group, disp.shared_counts(plan))
+    x_shared, plan_shared, counts_shared = disp.send(x_RH, plan, counts_rows, state.dp_group)
+    return dict(same_rows=torch.equal(x_own, x_shared), same_counts=torch.equal(counts_own, counts_shared),
+                same_splits=(plan_own.send_splits, plan_own.recv_splits) == (plan_shared.send_splits, plan_shared.recv_splits),
+                rows=int(x_own.shape[0]))
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_counts_ride_the_routing_sums(world):
+    results = run_distributed(_count_paths_worker, world, WORLDS[world]["ep"], timeout=60)
+    for rank, r in enumerate(results):
+        assert r["same_rows"] and r["same_counts"] and r["same_splits"], (rank, r)
+    assert sum(r["rows"] for r in results) > 0
+
+
 def test_partitioned_router_entropy_grad_is_finite():
     """Zero probabilities (experts outside a modality's partition) must give finite router grads:
     EP all-reduces the entropy sums with the others, so their backward always runs."""
