@@ -101,6 +101,17 @@ void check_case(int64_t T, int64_t k, int64_t E, int64_t H, int64_t pad, int64_t
     }
   }
 
+  // The fused op, on both store paths (streamed scatter pass; plain gather after the plan).
+  for (const int64_t min_bytes : {int64_t{0}, int64_t{1} << 62}) {
+    const int64_t before = modalmoe::set_streaming_min_bytes(min_bytes);
+    const auto [xp2, counts2, padded2, offsets2, row_of2, src_slot2, dropped2] =
+        modalmoe::permute_rows_cpu(x_TH, idx_Tk, E, pad, cap);
+    modalmoe::set_streaming_min_bytes(before);
+    EXPECT(at::equal(xp2, x_perm) && at::equal(row_of2, row_of) && at::equal(src_slot2, src_slot) &&
+               at::equal(counts2, counts) && at::equal(padded2, padded) && at::equal(offsets2, offsets) && at::equal(dropped2, dropped),
+           "permute_rows (streaming from %lld bytes) T=%lld", (long long)min_bytes, (long long)T);
+  }
+
   const at::Tensor y_RH = at::randn({R, H}, at::kDouble);
   const at::Tensor y_TH = modalmoe::combine_rows_cpu(y_RH, row_of, src_slot, w_Tk);
   const at::Tensor dots = modalmoe::slot_dot_cpu(x_TH, y_RH, row_of, at::kDouble);
@@ -145,7 +156,8 @@ int main() {
     check_case(37, 2, 5, 7, 1, -1, 0.2, at::kInt, 3);
     check_case(200, 3, 9, 4, 4, 20, 0.1, at::kLong, 4);
     check_case(500, 2, 1024, 2, 2, 1, 0.0, at::kInt, 5);
-    check_case(40000, 2, 16, 64, 8, 3000, 0.05, at::kLong, 6);  // chunked histogram, streaming stores
+    check_case(40000, 2, 16, 64, 8, 3000, 0.05, at::kLong, 6);  // chunked histogram
+    check_case(300, 2, 6, 8, 4, 60, 0.1, at::kLong, 7);  // 64-byte rows: the streamed path can run
   }
   if (failures == 0) std::printf("test_permute: all checks passed\n");
   return failures == 0 ? 0 : 1;
