@@ -7,8 +7,7 @@ the three timed in interleaved rounds so that machine noise hits them alike.
 
 glibc is told to keep freed memory (``runtime/cpu_memory.py``, what the trainer does on CPU), so
 all three reuse their buffers instead of page-faulting a fresh mmap for every tensor of 32 MiB or
-more; ``--fresh-pages`` keeps glibc's defaults (every contender slows down; the ratios are printed
-for that regime too when it is asked for).
+more; ``--fresh-pages`` keeps glibc's defaults instead (all contenders slow down).
 
     python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5] [--fresh-pages]
 """

@@ -4,9 +4,10 @@ permute writes T*k rows of H, so ``clone()`` of a [T*k, H] tensor is the bandwid
 ``clone / permute`` near 1 means the op runs at memory speed (target >= 0.9). The pure-PyTorch
 index_select / index_add path (the ops' reference) is timed beside it. Candidates run in
 interleaved warmed-up bursts, so they share the machine's state; medians are reported
-(minima too: on a shared, busy machine the median picks up preemption). By default glibc is told to
-reuse freed memory (mallopt, as the trainer does on CPU) so the timings measure the kernels rather than the page faults of a
-fresh 32 MiB mmap on every call; ``--fresh-pages`` keeps glibc's defaults.
+(minima too: on a shared, busy machine the median picks up preemption). By default glibc is told
+to reuse freed memory (``runtime/cpu_memory.py``, as the trainer does on CPU) so the timings
+measure the kernels rather than the page faults of a fresh 32 MiB mmap on every call;
+``--fresh-pages`` keeps glibc's defaults.
 
 Legend: T tokens, k slots per token, E experts, H hidden, R = T*k permuted rows.
 

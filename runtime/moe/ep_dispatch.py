@@ -7,11 +7,12 @@ Global expert e lives on EP rank ``e // L`` as local expert ``e % L``.
 
 Path: ``ops.permute`` over global expert ids (rows come out grouped by destination peer) →
 the per-expert counts reach the peers (riding the layer's all-gather of the routing sums over the
-DP group, which contains the EP group; or an all-to-all of the [P, L] count matrix) → all-to-all of exactly the R real rows (variable splits,
-no capacity padding on the wire) → regroup the N received rows from peer-major to local-expert-
-major with one gather → experts → the reverse gather and all-to-all → ``ops.unpermute`` with the
-gate weights. Capacity, when set, is applied by each rank to its own slots (per-rank capacity,
-as in every EP system); dropless needs no agreement between ranks at all.
+DP group, which contains the EP group; or an all-to-all of the [P, L] count matrix) → all-to-all
+of exactly the R real rows (variable splits, no capacity padding on the wire) → regroup the N
+received rows from peer-major to local-expert-major with one gather → experts → the reverse gather
+and all-to-all → ``ops.unpermute`` with the gate weights. Capacity, when set, is applied by each
+rank to its own slots (per-rank capacity, as in every EP system); dropless needs no agreement
+between ranks at all.
 """
 
 from __future__ import annotations

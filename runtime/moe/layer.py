@@ -29,7 +29,9 @@ class MoEAux:
 
 class MoELayer(nn.Module):
     """``stats_group`` (the DP group, None = single process): the routing sums behind the losses
-    and the bias update are all-reduced over it, so every rank computes the global-batch losses."""
+    and the bias update are summed over it, so every rank computes the global-batch losses. Every
+    rank must add ``aux.loss`` to its loss with the same weight (the trainer adds it unscaled): the
+    sums' backward relies on that instead of a second collective."""
 
     def __init__(self, cfg: MoEConfig, dispatcher=None, num_local_experts: int | None = None, stats_group=None):
         super().__init__()

@@ -108,7 +108,8 @@ void check_case(int64_t T, int64_t k, int64_t E, int64_t H, int64_t pad, int64_t
         modalmoe::permute_rows_cpu(x_TH, idx_Tk, E, pad, cap);
     modalmoe::set_streaming_min_bytes(before);
     EXPECT(at::equal(xp2, x_perm) && at::equal(row_of2, row_of) && at::equal(src_slot2, src_slot) &&
-               at::equal(counts2, counts) && at::equal(padded2, padded) && at::equal(offsets2, offsets) && at::equal(dropped2, dropped),
+               at::equal(counts2, counts) && at::equal(padded2, padded) && at::equal(offsets2, offsets) &&
+               at::equal(dropped2, dropped),
            "permute_rows (streaming from %lld bytes) T=%lld", (long long)min_bytes, (long long)T);
   }
 
