@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import is_expert_param
+from .distributed import is_expert_param, polled
 from .faults import weights_only_safe
 from .metrics import get_logger
 from .optim import lr_lambda, param_groups
@@ -44,12 +44,12 @@ def global_grad_norm(model: nn.Module, state: ParallelState | None, expert_tp: b
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         tp_part = sq[1:2].to(device)
         if state.size("tp") > 1:
-            dist.all_reduce(tp_part, group=state.tp_group)
+            polled(dist.all_reduce, tp_part, group=state.tp_group)
         ex = sq[2:3].to(device)
         if state.size("ep") > 1:
-            dist.all_reduce(ex, group=state.ep_group)
+            polled(dist.all_reduce, ex, group=state.ep_group)
         if expert_tp and state.size("tp") > 1:
-            dist.all_reduce(ex, group=state.tp_group)
+            polled(dist.all_reduce, ex, group=state.tp_group)
         sq = torch.stack([sq[0], tp_part.cpu()[0], ex.cpu()[0]])
     return sq.sum().sqrt().float()
 

@@ -24,7 +24,7 @@ from .cpu_memory import keep_freed_memory
 from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
 from .data.counts import BAD_REASONS
-from .distributed import init_from_env
+from .distributed import init_from_env, polled, set_busy_wait
 from .engine import DeepSpeedEngine, TorchEngine
 from .evaluate import evaluate
 from .faults import NonFiniteError, NonFiniteTracker, PeerLostError, describe
@@ -98,6 +98,7 @@ class Trainer:
         self.state: ParallelState | None = None
         self.rank = 0
         if use_deepspeed:
+            set_busy_wait(par.busy_wait)
             self.rank, _ = init_from_env(timeout_s=t.collective_timeout_s)
             self.state = ParallelState.build(layout)
         self.is_main = self.rank == 0
@@ -172,7 +173,7 @@ class Trainer:
         if self.state is None or self.dp_size == 1:
             return x
         x = x.detach().clone().to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(x, group=self.state.dp_group)
+        polled(dist.all_reduce, x, group=self.state.dp_group)
         return x.to(self.device)
 
     def _dp_min(self, n: int) -> int:

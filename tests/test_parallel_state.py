@@ -200,3 +200,28 @@ def test_init_from_env_in_launched_processes():
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert [o[0].split() for o in outs] == [["0", "2", "gloo", "3"], ["1", "2", "gloo", "3"]]
+
+
+def _polled_worker(rank: int, world: int) -> dict:
+    from modalmoe.runtime.distributed import polled, set_busy_wait
+
+    out = {}
+    for busy in (True, False):
+        set_busy_wait(busy)
+        x = torch.full((3,), float(rank + 1))
+        polled(dist.all_reduce, x, group=None)
+        rows = torch.arange(4, dtype=torch.float32) + 10 * rank
+        got = torch.empty(4)
+        polled(dist.all_to_all_single, got, rows, group=None)
+        out[busy] = (x.tolist(), got.tolist())
+    set_busy_wait(True)
+    return out
+
+
+def test_polled_collectives_match_blocking_ones():
+    """Polling for a gloo collective (parallel.busy_wait) returns what the blocking call returns."""
+    results = run_distributed(_polled_worker, 2, timeout=60)
+    for rank, r in enumerate(results):
+        assert r[True] == r[False]
+        assert r[True][0] == [3.0, 3.0, 3.0]
+        assert r[True][1] == [2.0 * rank, 2.0 * rank + 1, 10.0 + 2 * rank, 11.0 + 2 * rank]

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from ..distributed import polled
+
 __all__ = ["copy_to_tp_region", "reduce_from_tp_region", "gather_from_tp_region"]
 
 
@@ -26,7 +28,7 @@ def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
     if dist.get_world_size(group) == 1:
         return x
     x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
+    polled(dist.all_reduce, x, group=group)
     return x
 
 
@@ -35,7 +37,7 @@ def _all_gather_last(x: Tensor, group: ProcessGroup) -> Tensor:
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    polled(dist.all_gather, parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
 
 
