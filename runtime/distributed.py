@@ -63,11 +63,13 @@ def polled(collective: Callable, *args, group=None, **kwargs) -> None:
     """Run a blocking ``torch.distributed`` collective; on gloo, wait for it by polling.
 
     A rank that sleeps in a gloo collective must be woken by its I/O thread when the peer's data
-    lands: on the 2-vCPU VMs here every such wake-up added ~0.5 ms, paid at each of the ~24
-    exchanges of an EP=2 step. Polling (yielding the core between polls, so the I/O thread runs at
-    once) keeps the core awake, as MPI libraries do by default: in three alternating runs each the
+    lands: on the 2-vCPU VMs here the rank arriving last still spent 0.5-0.9 ms in each of an EP=2
+    step's ~24 collectives (the same all-to-all alone: 0.25-0.3 ms). Polling (yielding the core
+    between polls, so the I/O thread runs at once) keeps the core awake, as MPI libraries do by
+    default: in six alternating A/B pairs the
     EP=2 smoke step (16 samples/rank) took 62-68 ms polled, 69-75 ms blocking. NCCL and
-    ``set_busy_wait(False)`` keep the plain blocking call.
+    ``set_busy_wait(False)`` keep the plain blocking call; the trainer turns polling off when the
+    local ranks' threads outnumber the cores (a polling rank would then take a computing rank's).
     """
     if not _busy_wait or dist.get_backend(group) != "gloo":
         collective(*args, group=group, **kwargs)

@@ -93,7 +93,7 @@ class ParallelConfig:
     zero_stage: int = 0
     # auto: DeepSpeed when the job has several processes, plain PyTorch for one
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
-    busy_wait: bool = True  # gloo (CPU) collectives poll for completion instead of sleeping
+    busy_wait: bool = True  # gloo (CPU) collectives poll instead of sleeping, when ranks × threads fit the cores
 
     def validate(self, prefix: str = "parallel") -> None:
         check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")

@@ -98,7 +98,10 @@ class Trainer:
         self.state: ParallelState | None = None
         self.rank = 0
         if use_deepspeed:
-            set_busy_wait(par.busy_wait)
+            # polling only pays when each local rank's threads have cores of their own
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            set_busy_wait(par.busy_wait and local_ranks * torch.get_num_threads() <= cores)
             self.rank, _ = init_from_env(timeout_s=t.collective_timeout_s)
             self.state = ParallelState.build(layout)
         self.is_main = self.rank == 0
