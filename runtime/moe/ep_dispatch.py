@@ -59,6 +59,14 @@ def _expert_major_order(counts_PL: Tensor, num_rows: int) -> Tensor:
     return shift_N + torch.arange(num_rows, device=counts_PL.device)
 
 
+def _reorder_rows(x_NH: Tensor, take_N: Tensor, put_N: Tensor) -> Tensor:
+    """``x[take]`` for a permutation ``take`` with inverse ``put``. Through the gather/combine ops
+    (k = 1) the backward is the inverse gather, where index_select's would zero-fill and index_add."""
+    if not ops.HAS_EXTENSION:
+        return x_NH.index_select(0, take_N)
+    return torch.ops.modalmoe.gather_rows(x_NH, take_N, put_N.view(-1, 1), None)
+
+
 class AllToAllDispatcher:
     """Experts split evenly over ``group`` (the EP group); see the module docstring for the path.
 
@@ -132,13 +140,13 @@ class AllToAllDispatcher:
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
-        return x_NH.index_select(0, order_N), ep_plan, recv_PL.sum(0)
+        return _reorder_rows(x_NH, order_N, inverse_N), ep_plan, recv_PL.sum(0)
 
     def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, EPPlan, Tensor]:
         return self.send(*self.permute(x_TH, idx_Tk, capacity))
 
     def combine(self, y_NH: Tensor, ep_plan: EPPlan, weights_Tk: Tensor) -> Tensor:
-        y_peer_NH = y_NH.index_select(0, ep_plan.to_peer_major_N)
+        y_peer_NH = _reorder_rows(y_NH, ep_plan.to_peer_major_N, ep_plan.to_expert_major_N)
         y_RH = all_to_all_rows(y_peer_NH, ep_plan.recv_splits, ep_plan.send_splits, self.group, self._counter("combine"))
         return ops.unpermute(y_RH, ep_plan.plan, weights_Tk)
 
