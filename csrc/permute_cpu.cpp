@@ -144,7 +144,7 @@ struct CopyRows {
     *out = at::empty({R, H}, out->options());
     out_RH = out->data_ptr<scalar_t>();
     const int64_t row_bytes = H * static_cast<int64_t>(sizeof(scalar_t));
-    streaming = can_stream(out_RH, row_bytes, T * row_bytes, R * row_bytes);
+    streaming = R > 0 && can_stream(out_RH, row_bytes, T * row_bytes, R * row_bytes);
     if (!streaming) return;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t pad_lo = offsets_E1[e] + counts_E[e];
