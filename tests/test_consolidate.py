@@ -4,24 +4,14 @@ travel with the weights, so the continuation is the same optimisation, not a war
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 from dist_utils import run_distributed
 from parity_utils import data_overrides, train_run
 from safetensors.torch import load_file
 
 from modalmoe.launch.cli import main
-from modalmoe.runtime.data import make_demo
 
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo")
-    make_demo(d, n_train=64, n_eval=16, samples_per_shard=32, image_size=16)
-    return d
 
 
 def test_ep2_checkpoint_continues_under_ep1_and_tp2(demo, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_utils import make_batch
 from modalmoe.models import (
     IMAGE,
     TEXT,
@@ -48,22 +49,6 @@ def tiny_config(**overrides) -> ModelConfig:
 def build(seed: int = 0, **overrides) -> MultimodalTransformer:
     torch.manual_seed(seed)
     return tiny_config(**overrides).build().eval()
-
-
-def make_batch(cfg: ModelConfig, B: int = 3, lengths: list[int] | None = None, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    lengths = lengths or [L, L - 2, 4][:B]
-    text_BL = torch.randint(3, cfg.vocab_size, (B, L), generator=g)
-    text_mask_BL = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
-    text_BL = text_BL.masked_fill(~text_mask_BL, 0)
-    P = cfg.num_patches
-    return {
-        "patches": torch.randn(B, P, cfg.patch_dim, generator=g),
-        "text": text_BL,
-        "text_mask": text_mask_BL,
-        "modality": torch.cat([torch.full((B, P), IMAGE), torch.full((B, L), TEXT)], 1),
-        "mask": torch.cat([torch.ones(B, P, dtype=torch.bool), text_mask_BL], 1),
-    }
 
 
 def logits_of(model: MultimodalTransformer, batch: dict) -> torch.Tensor:

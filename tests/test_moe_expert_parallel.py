@@ -294,7 +294,7 @@ def _count_paths_worker(rank: int, world: int, ep: int) -> dict:
     idx_Tk = torch.randint(-1, E, (T, 2), generator=gen)
     x_TH = torch.randn(T, H, generator=gen, requires_grad=True)
     disp = AllToAllDispatcher(E, state.ep_group)
-    x_own, plan_own, counts_own = disp.dispatch(x_TH, idx_Tk, None)
+    x_own, plan_own, counts_own = disp.send(*disp.permute(x_TH, idx_Tk, None))
     zeros = torch.zeros(1)
     sums = RoutingSums(zeros, zeros, zeros, zeros, zeros, zeros[0])
     x_RH, plan = disp.permute(x_TH, idx_Tk, None)

@@ -13,23 +13,14 @@ by a few ulps; over these 20 Adam steps that stayed inside 1e-5 in every layout.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from dist_utils import run_distributed
 from parity_utils import STEPS, data_overrides, train_run
 
-from modalmoe.runtime.data import make_demo
 
 RTOL = 1e-5
 NORM_RTOL = 1e-4  # a norm of float32 grads summed in another order: a few ulps of each term
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo")
-    make_demo(d, n_train=64, n_eval=16, samples_per_shard=32, image_size=16)
-    return d
-
 
 @pytest.fixture(scope="module")
 def reference(demo, tmp_path_factory) -> list[tuple[float, float]]:

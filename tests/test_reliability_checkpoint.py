@@ -14,7 +14,6 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from modalmoe.runtime.checkpoint import CheckpointError, CheckpointManager
-from modalmoe.runtime.data import make_demo
 from parity_utils import data_overrides, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,13 +103,6 @@ def test_every_torch_load_in_the_repo_is_weights_only():
     assert calls, "expected at least the checkpoint loader"
     unsafe = [f"{f}: {c}" for f, c in calls if "weights_only=True" not in c]
     assert not unsafe, unsafe
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo")
-    make_demo(d, n_train=64, n_eval=16, samples_per_shard=32, image_size=16)
-    return d
 
 
 def test_zero2_ep2_resume_with_weights_only_continues_the_loss_curve_exactly(demo, tmp_path):

@@ -25,13 +25,6 @@ from parity_utils import MODEL, FixedBatches, data_overrides, global_batches
 NAN = float("nan")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo")
-    make_demo(d, n_train=64, n_eval=16, samples_per_shard=32, image_size=16)
-    return d
-
-
 def _cfg(demo: Path, run_dir: Path, *extra: str):
     return load_job_config(None, MODEL + data_overrides(demo) + [f"train.run_dir={run_dir}", *extra]).validate()
 

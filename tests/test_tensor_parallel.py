@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from modalmoe.models import IMAGE, TEXT, ModelConfig, MultimodalTransformer
+from model_utils import make_batch
+from modalmoe.models import ModelConfig, MultimodalTransformer
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.moe import MoEConfig
 from modalmoe.runtime.moe.experts import MLP
@@ -56,20 +57,6 @@ def tiny_config(activation: str = "gelu", num_shared_experts: int = 0, contrasti
                       moe_every=2, image_size=8, patch_size=4, max_text_len=8, activation=activation,
                       contrastive_coef=contrastive_coef, moe=moe)
     return dataclasses.replace(cfg, **overrides).validate()
-
-
-def make_batch(cfg: ModelConfig, seed: int, B: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    L, P = cfg.max_text_len, cfg.num_patches
-    text_mask_BL = torch.arange(L)[None, :] < torch.tensor([L, L - 2, 4][:B])[:, None]
-    text_BL = torch.randint(3, cfg.vocab_size, (B, L), generator=g).masked_fill(~text_mask_BL, 0)
-    return {
-        "patches": torch.randn(B, P, cfg.patch_dim, generator=g),
-        "text": text_BL,
-        "text_mask": text_mask_BL,
-        "modality": torch.cat([torch.full((B, P), IMAGE), torch.full((B, L), TEXT)], 1),
-        "mask": torch.cat([torch.ones(B, P, dtype=torch.bool), text_mask_BL], 1),
-    }
 
 
 def build_pair(cfg: ModelConfig, group, expert_tp: bool) -> tuple[MultimodalTransformer, MultimodalTransformer]:

@@ -36,8 +36,5 @@ class LocalDispatcher:
         """Returns (rows for the local experts, what combine needs, rows per local expert)."""
         return x_RH, plan, plan.padded_counts
 
-    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None):
-        return self.send(*self.permute(x_TH, idx_Tk, capacity))
-
     def combine(self, y_RH: Tensor, plan: "ops.PermutePlan", weights_Tk: Tensor) -> Tensor:
         return ops.unpermute(y_RH, plan, weights_Tk)

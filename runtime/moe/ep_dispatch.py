@@ -142,9 +142,6 @@ class AllToAllDispatcher:
         ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
         return _reorder_rows(x_NH, order_N, inverse_N), ep_plan, recv_PL.sum(0)
 
-    def dispatch(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, EPPlan, Tensor]:
-        return self.send(*self.permute(x_TH, idx_Tk, capacity))
-
     def combine(self, y_NH: Tensor, ep_plan: EPPlan, weights_Tk: Tensor) -> Tensor:
         y_peer_NH = _reorder_rows(y_NH, ep_plan.to_peer_major_N, ep_plan.to_expert_major_N)
         y_RH = all_to_all_rows(y_peer_NH, ep_plan.recv_splits, ep_plan.send_splits, self.group, self._counter("combine"))
