@@ -9,7 +9,8 @@ Then the dispatch-bytes benchmark (``bench_dispatch_bytes.py``) prints modalmoe'
 over DeepSpeed-MoE's padded ones at capacity factor 1.25.
 
 The EP=1 run uses the single-process engine a one-process job gets; a third run puts EP=1 on the
-DeepSpeed engine as well, to show how much of the ratio is the engine rather than the exchanges.
+DeepSpeed engine as well, to show how much of the ratio is the engine rather than the exchanges,
+and a fourth runs EP=2 without core binding (``parallel.bind_cores=false``) to show what that buys.
 
     python benchmarks/bench_ep_step.py [--batch 16] [--steps 12]
 """
@@ -56,7 +57,7 @@ def worker(args) -> None:
         f"data.train_shards=[{args.demo}/train-000000.tar]", f"data.tokenizer={args.demo}/tokenizer.model",
         "data.eval_shards=[]", f"data.batch_size={args.batch}", f"parallel.ep={args.ep}",
         f"train.run_dir={args.run_dir}", "train.progress=false", "train.tensorboard=false", "train.threads=1",
-        f"train.steps={args.steps + 3}", f"parallel.engine={args.engine}",
+        f"train.steps={args.steps + 3}", f"parallel.engine={args.engine}", *args.set,
     ]
     cfg = load_job_config(preset_path("smoke"), overrides).validate()
     trainer = Trainer(cfg, train_data=[])
@@ -70,10 +71,11 @@ def worker(args) -> None:
         print("RESULT " + json.dumps({"ep": args.ep, "median_s": statistics.median(times)}), flush=True)
 
 
-def run(ep: int, batch: int, steps: int, demo: str, tmp: str, engine: str = "auto") -> float:
+def run(ep: int, batch: int, steps: int, demo: str, tmp: str, engine: str = "auto", overrides: tuple[str, ...] = ()) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ep}",
            str(Path(__file__).resolve()), "--worker", f"--ep={ep}", f"--batch={batch}", f"--steps={steps}",
-           f"--demo={demo}", f"--run-dir={tmp}/run-ep{ep}-{engine}", f"--engine={engine}"]
+           f"--demo={demo}", f"--run-dir={tmp}/run-ep{ep}-{engine}-{len(overrides)}", f"--engine={engine}",
+           *[f"--set={o}" for o in overrides]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--demo", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -101,10 +104,12 @@ def main() -> None:
         t1 = run(1, args.batch, args.steps, f"{tmp}/demo", tmp)
         t2 = run(2, args.batch, args.steps, f"{tmp}/demo", tmp)
         t1_ds = run(1, args.batch, args.steps, f"{tmp}/demo", tmp, engine="deepspeed")
+        t2_free = run(2, args.batch, args.steps, f"{tmp}/demo", tmp, overrides=("parallel.bind_cores=false",))
     tokens = args.batch * 40
     print(f"smoke model, {args.batch} samples (~{tokens} tokens) per rank, 1 thread per rank, median of {args.steps} steps")
     print(f"EP=1: {t1 * 1e3:.1f} ms/step | EP=2: {t2 * 1e3:.1f} ms/step | EP=2 / EP=1 = {t2 / t1:.2f} (target <= 1.3)")
     print(f"EP=1 on the DeepSpeed engine too (as EP=2 is): {t1_ds * 1e3:.1f} ms/step | EP=2 / that = {t2 / t1_ds:.2f}")
+    print(f"EP=2 without core binding (parallel.bind_cores=false): {t2_free * 1e3:.1f} ms/step | over EP=1 = {t2_free / t1:.2f}")
     subprocess.run([sys.executable, str(HERE / "bench_dispatch_bytes.py"), "--ep", "2"], check=True)
 
 

@@ -94,6 +94,7 @@ class ParallelConfig:
     # auto: DeepSpeed when the job has several processes, plain PyTorch for one
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     busy_wait: bool = True  # gloo (CPU) collectives poll instead of sleeping, when ranks × threads fit the cores
+    bind_cores: bool = True  # CPU jobs: each local rank (and gloo's threads) on its own cores, when they fit
 
     def validate(self, prefix: str = "parallel") -> None:
         check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")

@@ -20,6 +20,7 @@ from ..models.config import IMAGE, TEXT
 from ..models.params import count_parameters
 from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
+from .cpu_affinity import bind_local_rank
 from .cpu_memory import keep_freed_memory
 from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
@@ -103,6 +104,11 @@ class Trainer:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             set_busy_wait(par.busy_wait and local_ranks * torch.get_num_threads() <= cores)
             self.rank, _ = init_from_env(timeout_s=t.collective_timeout_s)
+            if self.device.type == "cpu" and par.bind_cores and "LOCAL_RANK" in os.environ:
+                # gloo's threads exist now and are bound too; groups made later inherit the binding
+                bound = bind_local_rank(int(os.environ["LOCAL_RANK"]), local_ranks, torch.get_num_threads())
+                if bound is not None:
+                    log.debug("rank %d: bound to cores %s", self.rank, bound)
             self.state = ParallelState.build(layout)
         self.is_main = self.rank == 0
         self.dp_rank = self.state.rank_in("dp") if self.state else 0

@@ -27,6 +27,7 @@ from webdataset import tariterators
 from webdataset.utils import make_seed
 
 from ..config import ConfigError, check
+from ..cpu_affinity import worker_init_fn
 from .batch import Batch, collate
 from .config import DataConfig
 from .counts import BAD_REASONS, SampleCounter, ShardErrors, check_bad_fraction
@@ -265,6 +266,7 @@ class ShardLoader:
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=worker_init_fn() if self.num_workers > 0 else None,
             **kwargs,
         )
         it = iter(loader)

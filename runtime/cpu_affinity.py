@@ -1,0 +1,64 @@
+"""CPU jobs: give each local rank its own cores, with gloo's threads on them.
+
+A gloo collective is carried by three threads of the rank: the caller, a work thread that runs the
+algorithm, and an I/O thread that moves the bytes. Left to the scheduler, the work and I/O threads
+of one rank often wake on the core where the peer rank is computing and wait there for a time
+slice; with every thread of a rank on the rank's own core they run as soon as the caller waits
+(which it does by polling, ``distributed.polled``). Measured on the 2-vCPU VMs here: in the EP=2
+smoke step the ranks' time waiting for each other fell from 6-11 to 4-6 ms per step, and a 2-rank
+all-to-all's mean from 0.81 to 0.42 ms. MPI launchers bind the same way by default
+(``--bind-to core``).
+
+Data-loader workers are forked after the binding and would inherit it; :func:`worker_init_fn`
+gives them back every core the job had, so decoding is not squeezed onto the rank's core.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+__all__ = ["bind_local_rank", "worker_init_fn"]
+
+_job_cpus: list[int] | None = None
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def bind_local_rank(local_rank: int, local_ranks: int, threads: int) -> list[int] | None:
+    """Bind every thread of this process, and the threads it starts later, to cores
+    ``[local_rank * threads, (local_rank + 1) * threads)`` of the cores it may use.
+
+    Returns the cores, or None (nothing changed) where binding is impossible or unsafe: no
+    ``sched_setaffinity``, or fewer usable cores than ``local_ranks * threads`` (the launcher
+    or a cgroup already restricted the ranks, or the job oversubscribes the machine).
+    """
+    global _job_cpus
+    if not hasattr(os, "sched_setaffinity") or not 0 <= local_rank < local_ranks or threads < 1:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if local_ranks * threads > len(allowed):
+        return None
+    mine = allowed[local_rank * threads : (local_rank + 1) * threads]
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, mine)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+    _job_cpus = allowed
+    return mine
+
+
+def _spread(cpus: list[int], _worker_id: int) -> None:
+    os.sched_setaffinity(0, cpus)
+
+
+def worker_init_fn():
+    """A ``DataLoader`` ``worker_init_fn`` that undoes :func:`bind_local_rank` in the worker, or
+    None when this process was not bound."""
+    return None if _job_cpus is None else functools.partial(_spread, list(_job_cpus))
