@@ -102,6 +102,10 @@ def all_reduce_sum(x: Tensor, group) -> Tensor:
     return _AllReduceSum.apply(x, group)
 
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns on every job) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _SharedLossSum(torch.autograd.Function):
     """y = Σ_ranks x, computed by an all-gather that also carries one ``extra`` row per rank.
 
@@ -117,7 +121,7 @@ class _SharedLossSum(torch.autograd.Function):
         ctx.n = n
         row = x.reshape(-1).double() if extra is None else torch.cat([x.reshape(-1).double(), extra.reshape(-1).double()])
         rows = row.new_empty(n * row.numel())
-        polled(dist.all_gather_into_tensor, rows, row, group=group)
+        polled(_all_gather_single, rows, row, group=group)
         rows = rows.view(n, -1)
         extras = rows[:, x.numel():]
         ctx.mark_non_differentiable(extras)
