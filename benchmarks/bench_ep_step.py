@@ -2,7 +2,7 @@
 
 Both runs start under ``torchrun`` (1 and 2 processes, one intra-op thread per rank so the two ranks
 of the EP=2 run do not share cores with each other) and time ``Trainer.train_step`` on the same
-synthetic batches (B samples per rank, 16 image patches + up to 24 caption tokens each). The
+synthetic batches (B samples per rank, by default the smoke preset's 32; 16 image patches + up to 24 caption tokens each). The
 EP=2 step includes what expert parallelism costs: the all-to-alls, the data-parallel gradient
 all-reduce of the dense weights and DeepSpeed's step. The median of the timed steps is reported.
 Then the dispatch-bytes benchmark (``bench_dispatch_bytes.py``) prints modalmoe's all-to-all bytes
@@ -10,9 +10,10 @@ over DeepSpeed-MoE's padded ones at capacity factor 1.25.
 
 The EP=1 run uses the single-process engine a one-process job gets; a third run puts EP=1 on the
 DeepSpeed engine as well, to show how much of the ratio is the engine rather than the exchanges,
-and a fourth runs EP=2 without core binding (``parallel.bind_cores=false``) to show what that buys.
+and a fourth runs EP=2 with ``parallel.bind_cores=false`` (no core binding, gloo's I/O threads left
+at normal priority) to show what those buy.
 
-    python benchmarks/bench_ep_step.py [--batch 16] [--steps 12]
+    python benchmarks/bench_ep_step.py [--batch N] [--steps 12]
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run(ep: int, batch: int, steps: int, demo: str, tmp: str, engine: str = "aut
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16, help="samples per rank")
+    ap.add_argument("--batch", type=int, default=None, help="samples per rank (default: the smoke preset's data.batch_size)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
@@ -97,6 +98,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.batch is None:
+        from modalmoe.models.presets import preset_path
+        from modalmoe.runtime.job_config import load_job_config
+
+        args.batch = load_job_config(preset_path("smoke"), []).data.batch_size
     from modalmoe.runtime.data import make_demo
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +115,7 @@ def main() -> None:
     print(f"smoke model, {args.batch} samples (~{tokens} tokens) per rank, 1 thread per rank, median of {args.steps} steps")
     print(f"EP=1: {t1 * 1e3:.1f} ms/step | EP=2: {t2 * 1e3:.1f} ms/step | EP=2 / EP=1 = {t2 / t1:.2f} (target <= 1.3)")
     print(f"EP=1 on the DeepSpeed engine too (as EP=2 is): {t1_ds * 1e3:.1f} ms/step | EP=2 / that = {t2 / t1_ds:.2f}")
-    print(f"EP=2 without core binding (parallel.bind_cores=false): {t2_free * 1e3:.1f} ms/step | over EP=1 = {t2_free / t1:.2f}")
+    print(f"EP=2 with parallel.bind_cores=false: {t2_free * 1e3:.1f} ms/step | over EP=1 = {t2_free / t1:.2f}")
     subprocess.run([sys.executable, str(HERE / "bench_dispatch_bytes.py"), "--ep", "2"], check=True)
 
 

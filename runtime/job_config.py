@@ -94,7 +94,9 @@ class ParallelConfig:
     # auto: DeepSpeed when the job has several processes, plain PyTorch for one
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     busy_wait: bool = True  # gloo (CPU) collectives poll instead of sleeping, when ranks × threads fit the cores
-    bind_cores: bool = True  # CPU jobs: each local rank (and gloo's threads) on its own cores, when they fit
+    # CPU jobs, when ranks × threads fit the cores: each local rank and its gloo threads on cores of
+    # their own, gloo's I/O threads under SCHED_IDLE (runtime/cpu_affinity.py). Off for shared cores.
+    bind_cores: bool = True
 
     def validate(self, prefix: str = "parallel") -> None:
         check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")

@@ -20,7 +20,7 @@ from ..models.config import IMAGE, TEXT
 from ..models.params import count_parameters
 from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
-from .cpu_affinity import bind_local_rank
+from .cpu_affinity import bind_local_rank, idle_io_threads
 from .cpu_memory import keep_freed_memory
 from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
 from .data import Tokenizer, build_loader, check_vocab_size
@@ -98,6 +98,7 @@ class Trainer:
 
         self.state: ParallelState | None = None
         self.rank = 0
+        bound = None
         if use_deepspeed:
             # polling only pays when each local rank's threads have cores of their own
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -107,8 +108,6 @@ class Trainer:
             if self.device.type == "cpu" and par.bind_cores and "LOCAL_RANK" in os.environ:
                 # gloo's threads exist now and are bound too; groups made later inherit the binding
                 bound = bind_local_rank(int(os.environ["LOCAL_RANK"]), local_ranks, torch.get_num_threads())
-                if bound is not None:
-                    log.debug("rank %d: bound to cores %s", self.rank, bound)
             self.state = ParallelState.build(layout)
         self.is_main = self.rank == 0
         self.dp_rank = self.state.rank_in("dp") if self.state else 0
@@ -130,6 +129,8 @@ class Trainer:
         else:
             self.engine = TorchEngine(model, t)
         self.model = self.engine.module
+        if bound is not None:  # every process group (ours, DeepSpeed's) exists by now
+            log.debug("rank %d: bound to cores %s; %d gloo I/O threads under SCHED_IDLE", self.rank, bound, idle_io_threads())
         self.step = 0
         if init is not None:
             self._continue_from(init)

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_utils import run_distributed
+from modalmoe.runtime.cpu_affinity import IO_THREAD_NAME
 from parity_utils import MODEL, data_overrides
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux-only API")
@@ -73,21 +74,66 @@ def test_no_binding_when_ranks_outnumber_cores():
     assert r["worker"] == sorted(r["allowed"]) and r["init_is_none"]
 
 
-def _trainer_affinity(rank: int, world: int, overrides: list[str], run_dir: str) -> tuple[list[int], list[list[int]]]:
+def _policies() -> dict[int, tuple[str, int]]:
+    out = {}
+    for t in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{t}/comm") as f:
+            out[int(t)] = (f.read().strip(), os.sched_getscheduler(int(t)))
+    return out
+
+
+def _trainer_affinity(rank: int, world: int, overrides: list[str], run_dir: str):
     from modalmoe.runtime.job_config import load_job_config
     from modalmoe.runtime.trainer import Trainer
 
     cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}/r{rank}", "parallel.ep=2"]).validate()
     Trainer(cfg, train_data=[])
-    return sorted(os.sched_getaffinity(0)), [sorted(a) for a in _thread_affinities().values()]
+    return sorted(os.sched_getaffinity(0)), [sorted(a) for a in _thread_affinities().values()], list(_policies().values())
 
 
-def test_trainer_binds_each_local_rank_and_gloo_threads(demo, tmp_path):
+@pytest.mark.parametrize("bind", [True, False])
+def test_trainer_binds_each_local_rank_and_gloo_threads(demo, tmp_path, bind):
     """Two CPU ranks on a machine with at least two cores: each rank and all its threads (the
-    gloo work and I/O threads included, which exist before the trainer) sit on one core of their own."""
+    gloo work and I/O threads included, which exist before the trainer) sit on one core of their
+    own, and gloo's I/O threads, only they, run under SCHED_IDLE. ``parallel.bind_cores=false``
+    leaves all of it as the launcher made it."""
     allowed = sorted(os.sched_getaffinity(0))
-    out = run_distributed(_trainer_affinity, 2, data_overrides(demo), str(tmp_path))
-    for rank, (main, threads) in enumerate(out):
-        want = [allowed[rank]] if len(allowed) >= 2 else allowed
+    out = run_distributed(_trainer_affinity, 2, data_overrides(demo) + [f"parallel.bind_cores={str(bind).lower()}"], str(tmp_path))
+    for rank, (main, threads, policies) in enumerate(out):
+        on = bind and len(allowed) >= 2
+        want = [allowed[rank]] if on else allowed
         assert main == want
         assert len(threads) > 1 and all(t == want for t in threads)
+        loops = [p for name, p in policies if name == IO_THREAD_NAME]
+        assert len(loops) >= 1, policies
+        assert all(p == (os.SCHED_IDLE if on else os.SCHED_OTHER) for p in loops), policies
+        assert all(p == os.SCHED_OTHER for name, p in policies if name != IO_THREAD_NAME), policies
+
+
+def _idle_in_child(out) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from modalmoe.runtime.cpu_affinity import idle_io_threads
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    before = _policies()
+    n = idle_io_threads()
+    out.put((before, n, _policies()))
+    dist.destroy_process_group()
+
+
+def test_idle_io_threads_changes_only_gloo_io_threads():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_idle_in_child, args=(q,))
+    p.start()
+    before, n, after = q.get(timeout=120)
+    p.join(30)
+    loops = [t for t, (name, _) in after.items() if name == IO_THREAD_NAME]
+    assert n == len(loops) >= 1
+    assert all(before[t][1] == os.SCHED_OTHER for t in loops)
+    assert all(after[t][1] == os.SCHED_IDLE for t in loops)
+    assert all(p == before[t][1] for t, (name, p) in after.items() if name != IO_THREAD_NAME and t in before)
