@@ -2,9 +2,9 @@
 
 Both runs start under ``torchrun`` (1 and 2 processes, one intra-op thread per rank so the two ranks
 of the EP=2 run do not share cores with each other) and time ``Trainer.train_step`` on the same
-synthetic batches (B samples per rank, by default the smoke preset's 32; 16 image patches + up to 24 caption tokens each). The
-EP=2 step includes what expert parallelism costs: the all-to-alls, the data-parallel gradient
-all-reduce of the dense weights and DeepSpeed's step. The median of the timed steps is reported.
+synthetic batches (B samples per rank, by default the smoke preset's 32; 16 image patches + up to
+24 caption tokens each). The EP=2 step includes what expert parallelism costs: the all-to-alls,
+the data-parallel gradient all-reduce of the dense weights and DeepSpeed's step. The median of the timed steps is reported.
 Then the dispatch-bytes benchmark (``bench_dispatch_bytes.py``) prints modalmoe's all-to-all bytes
 over DeepSpeed-MoE's padded ones at capacity factor 1.25.
 

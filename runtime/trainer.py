@@ -130,7 +130,8 @@ class Trainer:
             self.engine = TorchEngine(model, t)
         self.model = self.engine.module
         if bound is not None:  # every process group (ours, DeepSpeed's) exists by now
-            log.debug("rank %d: bound to cores %s; %d gloo I/O threads under SCHED_IDLE", self.rank, bound, idle_io_threads())
+            n_idle = idle_io_threads()
+            log.debug("rank %d: bound to cores %s; %d gloo I/O threads under SCHED_IDLE", self.rank, bound, n_idle)
         self.step = 0
         if init is not None:
             self._continue_from(init)
