@@ -6,8 +6,7 @@ of one rank often wake on the core where the peer rank is computing and wait the
 slice; with every thread of a rank on the rank's own core they run as soon as the caller waits
 (which it does by polling, ``distributed.polled``). Measured on the 2-vCPU VMs here: in the EP=2
 smoke step the ranks' time waiting for each other fell from 6-11 to 4-6 ms per step, and a 2-rank
-all-to-all's mean from 0.81 to 0.42 ms. MPI launchers bind the same way by default
-(``--bind-to core``).
+all-to-all's mean from 0.81 to 0.42 ms. Open MPI's ``--bind-to core`` binds ranks the same way.
 
 Bound, one more effect shows: one to four collectives per EP=2 smoke step stall for 2-5 ms while
 the I/O thread spins in ``epoll_wait`` (pytorch/gloo#246). What the traces fit: woken by the peer's

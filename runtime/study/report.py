@@ -204,9 +204,7 @@ def _sorted_experts(load_ME: np.ndarray) -> np.ndarray:
 
 
 def _plot_load(spec: StudySpec, out: Path, arms_shown: list[str], path: Path) -> None:
-    seed = spec.seeds[0]
-    analyses = {a: _analysis(out, a, seed) for a in arms_shown}
-    analyses = {a: v for a, v in analyses.items() if v is not None}
+    seed, analyses = _first_seed_analyses(spec, out, arms_shown)
     if not analyses:
         return
     n_layers = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
@@ -235,11 +233,16 @@ def _analysis(out: Path, arm: str, seed: int) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], path: Path, bars_path: Path) -> None:
-    """Heatmaps (rows: arms, columns: MoE layers, seed of the first run) and a bar chart of the means."""
+def _first_seed_analyses(spec: StudySpec, out: Path, arms_shown: list[str]) -> tuple[int, dict[str, dict]]:
+    """The first seed and the analyses its runs of ``arms_shown`` wrote (arms without one left out)."""
     seed = spec.seeds[0]
     analyses = {a: _analysis(out, a, seed) for a in arms_shown}
-    analyses = {a: v for a, v in analyses.items() if v is not None}
+    return seed, {a: v for a, v in analyses.items() if v is not None}
+
+
+def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], path: Path, bars_path: Path) -> None:
+    """Heatmaps (rows: arms, columns: MoE layers, seed of the first run) and a bar chart of the means."""
+    seed, analyses = _first_seed_analyses(spec, out, arms_shown)
     if not analyses:
         return
     n = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
