@@ -86,7 +86,8 @@ class MultimodalTransformer(nn.Module):
         if cfg.contrastive_coef > 0:
             self.image_proj = nn.Linear(D, D, bias=False)
             self.text_proj = nn.Linear(D, D, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            # shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
         else:
             self.image_proj = self.text_proj = self.logit_scale = None
         self.reset_parameters()
@@ -210,7 +211,7 @@ class MultimodalTransformer(nn.Module):
             image_BD = self._pool_image(enc.h_BSD[:, :P], image_mask_BP)
             text_enc = self._encode_text(text_BL, text_mask_BL)
             text_BD = self._pool_text(text_enc.h_BSD, text_mask_BL)
-            contrastive = contrastive_loss(image_BD, text_BD, self.logit_scale.clamp(max=math.log(100.0)))
+            contrastive = contrastive_loss(image_BD, text_BD, self.logit_scale.clamp(max=math.log(100.0)).squeeze(0))
             aux_loss = aux_loss + text_enc.aux_loss
             loss = loss + self.cfg.contrastive_coef * contrastive
         return ModelOutput(

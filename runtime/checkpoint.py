@@ -49,13 +49,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`. A checkpoint loaded with ``map_location="cuda"`` hands back the
+    generator states as CUDA tensors, which torch's setters reject: they go back to the CPU first."""
+    torch.set_rng_state(state["torch"].to("cpu"))
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    np.random.set_state((n[0], n[1].to("cpu").numpy().astype(np.uint32), *n[2:]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.to("cpu") for s in state["cuda"]])
 
 
 class CheckpointManager:

@@ -17,7 +17,7 @@ from torch import nn
 from .distributed import is_expert_param, polled
 from .faults import weights_only_safe
 from .metrics import get_logger
-from .optim import lr_lambda, param_groups
+from .optim import build_adamw, lr_lambda, param_groups
 from .parallel_state import ParallelState, deepspeed_moe_marker, register_with_deepspeed
 from .parallelize import expert_group_name, moe_layers
 
@@ -26,42 +26,52 @@ __all__ = ["TorchEngine", "DeepSpeedEngine", "global_grad_norm", "deepspeed_conf
 log = get_logger("modalmoe.engine")
 
 
+def _sum_of_squares(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)).pow(2).sum()
+
+
 @torch.no_grad()
-def global_grad_norm(model: nn.Module, state: ParallelState | None, expert_tp: bool = False) -> torch.Tensor:
-    """L2 norm of the whole model's (already data-parallel-reduced) gradient, identical on every rank."""
-    sq = torch.zeros(3, dtype=torch.float64)  # [replicated, TP-sharded, expert]
+def global_grad_norm(model: nn.Module, state: ParallelState | None, expert_tp: bool = False) -> float:
+    """L2 norm of the whole model's (already data-parallel-reduced) gradient, identical on every rank.
+
+    One fused norm per kind of parameter (``_foreach_norm``, float64 sums) on the grads' device and
+    one host copy at the end: the step's only grad-norm sync."""
+    kinds: list[list[torch.Tensor]] = [[], [], []]  # replicated, TP-sharded, expert
+    device = None
     for p in model.parameters():
         if p.grad is None:
             continue
-        g2 = p.grad.detach().double().pow(2).sum().cpu()
-        if is_expert_param(p):
-            sq[2] += g2
-        elif getattr(p, "tensor_model_parallel", False):
-            sq[1] += g2
-        else:
-            sq[0] += g2
+        device = p.grad.device
+        kind = 2 if is_expert_param(p) else 1 if getattr(p, "tensor_model_parallel", False) else 0
+        kinds[kind].append(p.grad.detach())
+    device = device or torch.device("cpu")
+    sq = torch.stack([_sum_of_squares(g, device) for g in kinds])
     if state is not None and dist.is_initialized():
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        tp_part = sq[1:2].to(device)
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        sq = sq.to(comm)
+        tp_part, ex = sq[1:2].clone(), sq[2:3].clone()
         if state.size("tp") > 1:
             polled(dist.all_reduce, tp_part, group=state.tp_group)
-        ex = sq[2:3].to(device)
         if state.size("ep") > 1:
             polled(dist.all_reduce, ex, group=state.ep_group)
         if expert_tp and state.size("tp") > 1:
             polled(dist.all_reduce, ex, group=state.tp_group)
-        sq = torch.stack([sq[0], tp_part.cpu()[0], ex.cpu()[0]])
-    return sq.sum().sqrt().float()
+        sq = torch.cat([sq[:1], tp_part, ex])
+    return math.sqrt(float(sq.sum()))
 
 
 @torch.no_grad()
-def _clip_(model: nn.Module, norm: torch.Tensor, max_norm: float) -> None:
-    if max_norm > 0 and math.isfinite(float(norm)):
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+def _clip_(model: nn.Module, norm: float, max_norm: float) -> None:
+    if max_norm > 0 and math.isfinite(norm):
+        coef = min(1.0, max_norm / (norm + 1e-6))
         if coef < 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class _Schedule:
@@ -99,7 +109,7 @@ class TorchEngine(_Schedule):
         self.module = model
         self.state = state
         self.grad_clip = t.grad_clip
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+        self.optimizer = build_adamw(param_groups(model, t.weight_decay), t, _param_device(model))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -110,16 +120,16 @@ class TorchEngine(_Schedule):
         """Clip and step; a non-finite gradient norm drops the gradients and changes nothing
         (weights, moments, LR schedule), as DeepSpeed does on overflow."""
         norm = global_grad_norm(self.module, self.state)
-        if not math.isfinite(float(norm)):
+        if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return float(norm)
+            return norm
         _clip_(self.module, norm, self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return float(norm)
+        return norm
 
 
-def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int) -> dict:
+def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int, dtype: str = "float32") -> dict:
     """The DeepSpeed JSON, generated from the config tree (never kept by hand beside it)."""
     zero = parallel_cfg.zero_stage
     return {
@@ -129,7 +139,12 @@ def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int) -> dict:
         # ZeRO-0 clipping in DeepSpeed averages per-rank norms (wrong under EP): we clip ourselves
         "gradient_clipping": train_cfg.grad_clip if zero > 0 else 0.0,
         "zero_optimization": {"stage": zero},
-        "bf16": {"enabled": train_cfg.dtype == "bfloat16"},
+        # bf16 as autocast over float32 parameters, exactly as the plain engine runs it: float32
+        # master weights, optimizer state and grad accumulation, a float32 router and residual
+        # stream. DeepSpeed's "bf16" section would cast the whole module (router, its bias
+        # buffer, norms) to bf16 instead. No module is listed as safe for bf16 gradient
+        # reduction: grads are reduced in float32, as Megatron and torchtitan do by default.
+        "torch_autocast": {"enabled": dtype == "bfloat16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -153,13 +168,13 @@ class DeepSpeedEngine(_Schedule):
         if layers:
             model.ds_moe_marker = deepspeed_moe_marker(layers[0].cfg.num_experts, state.size("ep"), expert_group_name(state))
         groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, t.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+        optimizer = build_adamw(groups, t, _param_device(model))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(t, data_cfg, parallel_cfg, state.size("dp")),
+            config=deepspeed_config(t, data_cfg, parallel_cfg, state.size("dp"), t.resolved_dtype(_param_device(model).type)),
             mpu=state.mpu,
             dist_init_required=False,
         )
@@ -173,12 +188,12 @@ class DeepSpeedEngine(_Schedule):
         the same skip decision; ZeRO 1/2 skip inside DeepSpeed (overflow: grads and partitioned
         grad buffers dropped, no LR step)."""
         if self.zero_stage == 0:
-            norm = float(global_grad_norm(self.module, self.state, self.expert_tp))
+            norm = global_grad_norm(self.module, self.state, self.expert_tp)
             if not math.isfinite(norm):
                 self.engine.zero_grad()
                 self.optimizer.zero_grad(set_to_none=True)
                 return norm
-            _clip_(self.module, torch.tensor(norm), self.grad_clip)
+            _clip_(self.module, norm, self.grad_clip)
             self.engine.step()
             return norm
         self.engine.step()

@@ -33,7 +33,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    tf32: bool = True  # on CUDA, float32 matmuls and convolutions may use TF32 tensor cores
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8
@@ -53,6 +54,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many non-finite (skipped) steps in a row stop the job
     collapse_share: float = 0.1  # expert starved below this fraction of the uniform share; 0 = no alarm
     collapse_window: int = 100  # ... for this many steps: warn once per (layer, modality, expert)
+
+    def resolved_dtype(self, device_type: str) -> str:
+        """The compute dtype: bf16 autocast over float32 weights, or plain float32."""
+        if self.dtype == "auto":
+            return "bfloat16" if device_type == "cuda" else "float32"
+        return self.dtype
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix

@@ -1,12 +1,22 @@
-"""Optimizer parameter groups and the learning-rate schedule, shared by both engines."""
+"""The optimizer, its parameter groups and the learning-rate schedule, shared by both engines."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-__all__ = ["param_groups", "lr_lambda"]
+__all__ = ["param_groups", "lr_lambda", "build_adamw"]
+
+
+def build_adamw(groups: list[dict], train_cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over float32 parameters (the master weights under bf16 autocast). On CUDA the fused
+    kernel (one launch for all parameters); elsewhere the multi-tensor ``foreach`` one."""
+    t = train_cfg
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=fused or None,
+                             foreach=None if fused else True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -92,7 +92,10 @@ class Trainer:
         self.device = _device(t.device)
         if self.device.type == "cpu" and t.cpu_keep_freed_memory:
             keep_freed_memory()
-        self.dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+        self.dtype = torch.bfloat16 if t.resolved_dtype(self.device.type) == "bfloat16" else torch.float32
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+            torch.backends.cudnn.allow_tf32 = t.tf32
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
         check_vocab_size(self.tokenizer, cfg.model.vocab_size)
 
@@ -275,27 +278,32 @@ class Trainer:
             out = self.model(batch)
         n_local = out.num_text_tokens.detach().float()
         nonfinite = (~torch.isfinite(out.loss.detach().float())).float()
-        # one all-reduce for [caption tokens, caption nll sum, real tokens, replicas with a non-finite loss]
-        totals = self._dp_sum(torch.stack([n_local, out.caption_loss.detach().float() * n_local, batch.mask.sum().float(), nonfinite]))
-        if float(totals[3]) > 0:  # every rank sees the same sum (TP peers share the loss): all skip
-            return {"loss": float(out.loss.detach()), "skipped": 1.0}, out.moe_stats, int(totals[2])
-        n_global = totals[0].clamp_min(1)
+        extra = (out.loss - out.caption_loss).detach().float()
+        contrastive = out.contrastive_loss.detach().float() if out.contrastive_loss is not None else n_local.new_zeros(())
+        # one all-reduce for [caption tokens, caption nll sum, real tokens, replicas with a non-finite
+        # loss, contrastive loss], then one host copy for the skip decision and every logged scalar
+        totals = self._dp_sum(torch.stack([n_local, out.caption_loss.detach().float() * n_local,
+                                           batch.mask.sum().float(), nonfinite, contrastive]))
+        host = torch.cat([totals, torch.stack([extra, out.aux_loss.detach().float(), out.loss.detach().float()])]).tolist()
+        n_tok, nll_sum, real_tokens, n_nonfinite, contrastive_sum, extra_h, aux_h, loss_h = host
+        if n_nonfinite > 0:  # every rank sees the same sum (TP peers share the loss): all skip
+            return {"loss": loss_h, "skipped": 1.0}, out.moe_stats, int(real_tokens)
+        n_global = max(n_tok, 1.0)
         scale = n_local * self.dp_size / n_global
         loss = out.caption_loss * scale + (out.loss - out.caption_loss)
         self.engine.backward(loss)
         grad_norm = self.engine.step()  # a non-finite (global) norm: the engine dropped the grads
-        caption = totals[1] / n_global
-        extra = (out.loss - out.caption_loss).detach()
+        caption = nll_sum / n_global
         scalars = {
-            "loss": float(caption + extra),
-            "caption_loss": float(caption),
-            "aux_loss": float(out.aux_loss.detach()),
+            "loss": caption + extra_h,
+            "caption_loss": caption,
+            "aux_loss": aux_h,
             "grad_norm": grad_norm,
             "skipped": float(not math.isfinite(grad_norm)),
         }
         if out.contrastive_loss is not None:
-            scalars["contrastive_loss"] = float(self._dp_sum(out.contrastive_loss.detach()) / self.dp_size)
-        return scalars, out.moe_stats, int(totals[2])
+            scalars["contrastive_loss"] = contrastive_sum / self.dp_size
+        return scalars, out.moe_stats, int(real_tokens)
 
     def _window_metrics(self, sums: dict[str, float], n: int, stats: list[RoutingStats], tokens: int, seconds: float) -> dict:
         m = {k: v / n for k, v in sums.items()}
@@ -381,7 +389,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             log.info(
                 "model: %.2fM parameters, %.2fM active per token; device %s, dtype %s; run folder %s",
-                self.total_params / 1e6, self.active_params / 1e6, self.device, t.dtype, self.run_dir,
+                self.total_params / 1e6, self.active_params / 1e6, self.device, self.dtype, self.run_dir,
             )
         if t.resume:
             self.resume()

@@ -300,7 +300,7 @@ def _count_paths_worker(rank: int, world: int, ep: int) -> dict:
     x_RH, plan = disp.permute(x_TH, idx_Tk, None)
     _, counts_rows = sums.across(state.dp_group, disp.shared_counts(plan))
     x_shared, plan_shared, counts_shared = disp.send(x_RH, plan, counts_rows, state.dp_group)
-    return dict(same_rows=torch.equal(x_own, x_shared), same_counts=torch.equal(counts_own, counts_shared),
+    return dict(same_rows=torch.equal(x_own, x_shared), same_counts=list(counts_own) == list(counts_shared),
                 same_splits=(plan_own.send_splits, plan_own.recv_splits) == (plan_shared.send_splits, plan_shared.recv_splits),
                 rows=int(x_own.shape[0]))
 

@@ -33,7 +33,8 @@ class LocalDispatcher:
         return None
 
     def send(self, x_RH: Tensor, plan: "ops.PermutePlan", counts_rows=None, rows_group=None):
-        """Returns (rows for the local experts, what combine needs, rows per local expert)."""
+        """Returns (rows for the local experts, what combine needs, rows per local expert: a tensor,
+        or a list when the dispatcher already had to bring the counts to the host)."""
         return x_RH, plan, plan.padded_counts
 
     def combine(self, y_RH: Tensor, plan: "ops.PermutePlan", weights_Tk: Tensor) -> Tensor:

@@ -134,13 +134,15 @@ class AllToAllDispatcher:
             mine = counts_rows[:, self.ep_rank * L : (self.ep_rank + 1) * L]
             recv_PL = mine[self._peer_positions(rows_group)].to(torch.int64)
         self.meta_bytes += send_PL.numel() * send_PL.element_size()
-        splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
+        # the layer's one host sync: the split sizes, and the rows per local expert with them
+        host = torch.cat([send_PL.sum(1), recv_PL.sum(1), recv_PL.sum(0)]).tolist()
+        splits = [host[:P], host[P : 2 * P]]
         x_NH = all_to_all_rows(x_RH, splits[0], splits[1], self.group, self._counter("dispatch"))
         order_N = _expert_major_order(recv_PL, x_NH.shape[0])
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         ep_plan = EPPlan(plan, splits[0], splits[1], order_N, inverse_N)
-        return _reorder_rows(x_NH, order_N, inverse_N), ep_plan, recv_PL.sum(0)
+        return _reorder_rows(x_NH, order_N, inverse_N), ep_plan, host[2 * P :]
 
     def combine(self, y_NH: Tensor, ep_plan: EPPlan, weights_Tk: Tensor) -> Tensor:
         y_peer_NH = _reorder_rows(y_NH, ep_plan.to_peer_major_N, ep_plan.to_expert_major_N)

@@ -1,6 +1,12 @@
 """MoELayer: route → dispatch → experts → combine, plus the router's auxiliary losses and stats.
 
 Legend: T tokens (flattened leading dims), H hidden, E experts, M modalities, k slots, R rows.
+
+Precision: under autocast the rows are cast once to the autocast dtype before the permute, so the
+permute, the all-to-all payload, the expert GEMMs and the combine all run in bf16; the router, the
+routing sums and the losses run with autocast off, in float32 (a bf16 softmax over E experts and
+bf16 balance sums move the top-k picks and the loss). Host syncs: none here on the dropless path;
+the dispatcher's one (rows per expert, or the EP split sizes) is the layer's only one.
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ from .dispatch import LocalDispatcher
 from .experts import MLP, GroupedExperts
 from .losses import router_losses
 from .router import build_router
-from .stats import RoutingStats, RoutingSums
+from .stats import RoutingStats, RoutingSums, count_groups
 
-__all__ = ["MoELayer", "MoEAux"]
+__all__ = ["MoELayer", "MoEAux", "compute_dtype"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 @dataclass
@@ -57,15 +70,18 @@ class MoELayer(nn.Module):
         if modality_T.numel() != x_TH.shape[0]:
             raise ValueError(f"modality has {modality_T.numel()} entries for {x_TH.shape[0]} tokens; shapes must match x[..., H]")
 
-        routing = self.router(x_TH, modality_T, valid_T)
-        sums = RoutingSums.compute(routing, modality_T, valid_T, cfg.num_modalities)
-        cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
-        x_RH, plan = self.dispatcher.permute(x_TH, cap.idx_Tk, cap.kernel_capacity)
+        dtype = compute_dtype(x_TH)
+        with torch.autocast(x_TH.device.type, enabled=False):
+            routing = self.router(x_TH, modality_T, valid_T)
+            sums = RoutingSums.compute(routing, modality_T, valid_T, cfg.num_modalities)
+            cap = plan_capacity(cfg, routing.idx_Tk, routing.weights_Tk, modality_T, self.training)
+        x_RH, plan = self.dispatcher.permute(x_TH.to(dtype), cap.idx_Tk, cap.kernel_capacity)
         # one collective gives the losses their global sums and the EP peers their row counts
         batch_sums, counts_rows = sums, None
         if self.stats_group is not None:
             batch_sums, counts_rows = sums.across(self.stats_group, self.dispatcher.shared_counts(plan))
-        aux_loss, terms = router_losses(cfg, routing, batch_sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
+        with torch.autocast(x_TH.device.type, enabled=False):
+            aux_loss, terms = router_losses(cfg, routing, batch_sums, valid_T, self.router.allowed_ME, self.router.weight_EH)
 
         x_local, combine_plan, counts_E = self.dispatcher.send(x_RH, plan, counts_rows, self.stats_group)
         y_RH = self.experts(x_local, counts_E)
@@ -74,11 +90,9 @@ class MoELayer(nn.Module):
             y_TH = y_TH + self.shared(x_TH)
 
         kept_idx_Tk = cap.idx_Tk.masked_fill(plan.dropped, -1)
-        kept = kept_idx_Tk >= 0
         E = cfg.num_experts
-        kept_ME = torch.bincount(
-            (modality_T[:, None] * E + kept_idx_Tk.clamp_min(0))[kept], minlength=cfg.num_modalities * E
-        ).view(cfg.num_modalities, E)
+        kept_ME = count_groups(modality_T[:, None] * E + kept_idx_Tk.clamp_min(0), kept_idx_Tk >= 0,
+                               cfg.num_modalities * E).view(cfg.num_modalities, E)
         if self.training and cfg.bias_update_rate > 0:
             self.router.update_bias(batch_sums.load_ME.sum(0))
         stats = RoutingStats.from_sums(sums, kept_ME, terms)

@@ -108,7 +108,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def update_bias(self, load_E: Tensor) -> None:
         """Nudge the selection bias towards balance: under-loaded experts up, over-loaded down."""
-        if self.cfg.bias_update_rate > 0 and load_E.sum() > 0:
+        if self.cfg.bias_update_rate > 0:  # an empty batch gives sign(0) = 0: no nudge, and no host sync
             load_E = load_E.float()
             self.expert_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
 

@@ -16,7 +16,15 @@ from torch import Tensor
 from ..distributed import shared_loss_sum
 from .router import Routing
 
-__all__ = ["RoutingSums", "RoutingStats", "token_entropy", "specialisation_index"]
+__all__ = ["RoutingSums", "RoutingStats", "token_entropy", "specialisation_index", "count_groups"]
+
+
+def count_groups(group: Tensor, keep: Tensor, num_groups: int) -> Tensor:
+    """float32 [num_groups]: how many kept entries fall in each group. A scatter-add, not
+    ``bincount(group[keep])``: boolean indexing and CUDA's bincount both wait for the device."""
+    return torch.zeros(num_groups, dtype=torch.float32, device=group.device).index_add_(
+        0, group.reshape(-1), keep.reshape(-1).to(torch.float32)
+    )
 
 
 def token_entropy(probs_TE: Tensor) -> Tensor:
@@ -45,8 +53,8 @@ class RoutingSums:
         E = probs_TE.shape[1]
         onehot_TM = torch.nn.functional.one_hot(modality_T, num_modalities).float() * valid_T[:, None]
         routed_Tk = (routing.idx_Tk >= 0) & valid_T[:, None]
-        flat = (modality_T[:, None] * E + routing.idx_Tk.clamp_min(0))[routed_Tk]
-        load_ME = torch.bincount(flat, minlength=num_modalities * E).view(num_modalities, E).float()
+        group_Tk = modality_T[:, None] * E + routing.idx_Tk.clamp_min(0)
+        load_ME = count_groups(group_Tk, routed_Tk, num_modalities * E).view(num_modalities, E)
         z_T = torch.logsumexp(routing.logits_TE, dim=-1) ** 2
         return cls(
             onehot_TM=onehot_TM,
