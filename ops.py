@@ -9,6 +9,11 @@ are the fallback when the extension cannot be loaded.
 Shape legend: T tokens, k routed slots per token (top-k), S = T*k slots (slot s = t*k + j),
 E experts, H hidden size, R rows of the permuted buffer (real rows + padding rows),
 K / N grouped-matmul in / out features.
+
+Each call checks that ``modalmoe._C`` has kernels for its tensors' device (:func:`kernels_for`): an
+extension built without nvcc serves CPU tensors only, and CUDA tensors then run the references
+(with one warning) instead of failing in the dispatcher. On CUDA, :func:`group_offsets` and
+:func:`grouped_mm` use torch's grouped matmul (``torch._grouped_mm``) for bf16 with no host sync.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import torch
 __all__ = [
     "HAS_EXTENSION",
     "PermutePlan",
+    "kernels_for",
     "permute",
     "unpermute",
+    "group_offsets",
     "grouped_mm",
     "plan_reference",
     "permute_reference",
@@ -57,6 +64,54 @@ def _load_extension() -> bool:
 
 
 HAS_EXTENSION: bool = _load_extension()
+
+_KERNELS: dict[tuple[str, str], bool] = {}  # (device type, op) -> modalmoe._C serves it
+_FALLBACK_WARNED: set[str] = set()  # device types already warned about
+
+
+def kernels_for(device_type: str, op: str = "permute_rows") -> bool:
+    """Whether ``modalmoe._C`` has a kernel for ``modalmoe::<op>`` on tensors of ``device_type``.
+
+    CPU always does when the extension loaded; CUDA only when setup.py found nvcc. grouped_mm is
+    composite over at::mm, so it serves CUDA tensors even from a CPU-only build.
+    """
+    if not HAS_EXTENSION:
+        return False
+    key = (device_type, op)
+    if key not in _KERNELS:
+        try:
+            dispatch_key = torch._C._dispatch_key_for_device(device_type)
+            _KERNELS[key] = torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"modalmoe::{op}", dispatch_key)
+        except RuntimeError:
+            _KERNELS[key] = False
+    return _KERNELS[key]
+
+
+def _use_kernels(t: torch.Tensor, op: str = "permute_rows") -> bool:
+    """True when the compiled op serves ``t``'s device; otherwise warn once and use the reference."""
+    if not HAS_EXTENSION:
+        return False  # _load_extension already warned
+    device_type = t.device.type
+    if kernels_for(device_type, op):
+        return True
+    if device_type not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(device_type)
+        message = (
+            f"modalmoe.ops: modalmoe._C has no {device_type} kernels (for CUDA: it was built without nvcc, "
+            f"e.g. no CUDA toolkit / CUDA_HOME at build time, or MODALMOE_NO_CUDA=1); {device_type} tensors "
+            "fall back to the slow pure-PyTorch reference kernels. Rebuild with the CUDA toolkit that matches "
+            "torch.version.cuda: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
+            "(MODALMOE_REQUIRE_CUDA=1 makes a CPU-only build an error)."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        logger.warning(message)
+    return False
+
+
+# Filled now so that torch.compile(fullgraph=True) reads constants instead of tracing the dispatcher.
+for _device_type in ("cpu", "cuda"):
+    for _op in ("permute_rows", "combine_rows", "grouped_mm"):
+        kernels_for(_device_type, _op)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,7 +249,7 @@ def permute(
     expert in that order and drops the rest; each expert block is zero-padded to ``pad_multiple``.
     """
     _check_permute_args(x_TH, topk_idx_Tk, num_experts, pad_multiple, capacity)
-    if not HAS_EXTENSION:
+    if not _use_kernels(x_TH, "permute_rows"):
         return permute_reference(x_TH, topk_idx_Tk, num_experts, pad_multiple=pad_multiple, capacity=capacity)
     x_perm_RH, counts, padded, offsets, row_of, src_slot, dropped = torch.ops.modalmoe.permute_rows(
         x_TH, topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity
@@ -224,14 +279,93 @@ def unpermute(
         raise ValueError(f"y_perm must be [{plan.num_rows}, H], got {tuple(y_perm_RH.shape)}")
     if topk_weights_Tk is not None and topk_weights_Tk.shape != plan.row_of.shape:
         raise ValueError(f"topk_weights must be {tuple(plan.row_of.shape)}, got {tuple(topk_weights_Tk.shape)}")
-    if not HAS_EXTENSION:
+    if not _use_kernels(y_perm_RH, "combine_rows"):
         return unpermute_reference(y_perm_RH, plan, topk_weights_Tk)
     return torch.ops.modalmoe.combine_rows(y_perm_RH, plan.row_of, plan.src_slot, topk_weights_Tk)
+
+
+# Device types whose grouped GEMMs run through torch's grouped matmul (when its constraints hold).
+_TORCH_GROUPED_MM_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
+@torch.compiler.assume_constant_result
+def _cuda_sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def _torch_grouped_mm_for(device: torch.device) -> bool:
+    if device.type not in _TORCH_GROUPED_MM_DEVICES or not hasattr(torch, "_grouped_mm"):
+        return False
+    return device.type != "cuda" or _cuda_sm80(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def group_offsets(counts_E: torch.Tensor | Sequence[int], device: torch.device | str) -> torch.Tensor | list[int]:
+    """What :func:`grouped_mm` wants for rows grouped by ``counts_E [E]`` on ``device``.
+
+    Where torch's grouped matmul serves ``device`` (CUDA, sm80+): the cumulative row ends as an
+    int32 tensor [E] on it, computed there (no host sync). Otherwise the E+1 offsets as a list
+    (one host sync for a device tensor).
+    """
+    device = torch.device(device)
+    if _torch_grouped_mm_for(device):
+        if isinstance(counts_E, torch.Tensor):
+            return counts_E.to(device, non_blocking=True).cumsum(0).to(torch.int32)
+        return torch.tensor(counts_E, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else counts_E
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + int(n))
+    return offsets
+
+
+def _is_group_ends(arg: object, num_groups: int) -> bool:
+    """An int32 tensor of E values: torch's ``offs`` convention (cumulative row ends), as group_offsets gives."""
+    return isinstance(arg, torch.Tensor) and arg.dtype == torch.int32 and arg.shape == (num_groups,)
+
+
+def _device_group_ends(arg: object, x_RK: torch.Tensor, num_groups: int) -> torch.Tensor | None:
+    """Row ends [E] int32 on x's device from a tensor already there (no host sync), else None."""
+    if isinstance(arg, PermutePlan):
+        arg = arg.offsets
+    if not isinstance(arg, torch.Tensor) or arg.device != x_RK.device or arg.dim() != 1:
+        return None
+    if _is_group_ends(arg, num_groups):
+        return arg
+    if arg.shape[0] == num_groups:
+        return arg.cumsum(0).to(torch.int32)
+    if arg.shape[0] == num_groups + 1:
+        return arg[1:].to(torch.int32)
+    return None
+
+
+def _torch_grouped_mm_fits(x_RK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> bool:
+    """torch._grouped_mm's constraints for x [R, K] @ w [E, K, N]: bf16 on a served device, row-major x,
+    w row- or column-major per expert, strides and base addresses on 16 bytes."""
+    if not (x_RK.dim() == 2 and w_EKN.dim() == 3 and x_RK.shape[1] == w_EKN.shape[1] and x_RK.shape[0] > 0):
+        return False
+    if not (x_RK.dtype == w_EKN.dtype == torch.bfloat16 and x_RK.device == w_EKN.device == ends_E.device):
+        return False
+    if not _torch_grouped_mm_for(x_RK.device):
+        return False
+    align = 16 // x_RK.element_size()
+    K, N = w_EKN.shape[1], w_EKN.shape[2]
+    x_ok = x_RK.stride(1) == 1 and x_RK.stride(0) >= K and x_RK.stride(0) % align == 0 and K % align == 0
+    w_ok = (w_EKN.stride(2) == 1 and w_EKN.stride(1) >= N and w_EKN.stride(1) % align == 0) or (
+        w_EKN.stride(1) == 1 and w_EKN.stride(2) >= K and w_EKN.stride(2) % align == 0
+    )
+    # torch's allocators align storages to 16+ bytes, so the offsets decide; dynamo cannot trace
+    # storage_offset(), and compiled graphs hand over fresh (aligned) buffers or fail loudly in torch.
+    ptrs_ok = torch.compiler.is_compiling() or (
+        x_RK.storage_offset() % align == 0 and w_EKN.storage_offset() % align == 0
+    )
+    return x_ok and w_ok and ptrs_ok and N % align == 0 and w_EKN.stride(0) % align == 0
 
 
 def _offsets_list(counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan, num_groups: int) -> list[int]:
     if isinstance(counts_or_offsets, PermutePlan):
         counts_or_offsets = counts_or_offsets.offsets
+    if _is_group_ends(counts_or_offsets, num_groups):
+        return [0, *(int(v) for v in counts_or_offsets.tolist())]
     values = [int(v) for v in (
         counts_or_offsets.tolist() if isinstance(counts_or_offsets, torch.Tensor) else counts_or_offsets
     )]
@@ -246,18 +380,29 @@ def _offsets_list(counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan,
 
 
 def grouped_mm(
-    x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan
+    x_RK: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan,
 ) -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for row blocks given as counts [E] or offsets [E+1].
 
-    One mm per expert written into a preallocated output (and preallocated dx / dw in backward):
-    no per-expert weight-slice gradients and no cat/split copies. A tensor of counts or offsets
-    costs one host sync; a PermutePlan uses its padded offsets.
+    Also takes :func:`group_offsets`' int32 tensor of cumulative row ends [E]. On CUDA, such ends,
+    or counts / offsets / a PermutePlan whose tensor is on x's device, go to ``torch._grouped_mm``
+    with no host sync when it fits (bf16, 16-byte strides; autograd by torch); the offsets are then
+    trusted, not checked (that would sync). Otherwise one mm per expert written into a preallocated
+    output (and preallocated dx / dw in backward): no per-expert weight-slice gradients and no
+    cat/split copies. A tensor of counts or offsets costs one host sync there; a PermutePlan uses
+    its padded offsets.
     """
-    offsets = _offsets_list(counts_or_offsets, w_EKN.shape[0])
+    E = w_EKN.shape[0]
+    if _torch_grouped_mm_for(x_RK.device):
+        ends_E = _device_group_ends(counts_or_offsets, x_RK, E)
+        if ends_E is not None and _torch_grouped_mm_fits(x_RK, w_EKN, ends_E):
+            return torch._grouped_mm(x_RK, w_EKN, offs=ends_E)
+    offsets = _offsets_list(counts_or_offsets, E)
     if offsets[0] != 0 or offsets[-1] != x_RK.shape[0] or any(a > b for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"grouped_mm: offsets must rise from 0 to {x_RK.shape[0]} rows, got {offsets}")
-    if not HAS_EXTENSION:
+    if not _use_kernels(x_RK, "grouped_mm"):
         return grouped_mm_reference(x_RK, w_EKN, offsets)
     return torch.ops.modalmoe.grouped_mm(x_RK, w_EKN, offsets)
 

@@ -3,14 +3,18 @@
 The repository root is the ``modalmoe`` package; ``runtime/``, ``models/`` and ``launch/`` map to
 ``modalmoe.runtime``, ``modalmoe.models`` and ``modalmoe.launch`` (never top-level packages).
 The C++ extension ``modalmoe._C`` is built from ``csrc/`` with torch's cpp_extension and ninja:
-CPU kernels always, CUDA kernels too when the installed torch was built with CUDA and nvcc is found.
+CPU kernels always, CUDA kernels too when the installed torch was built with CUDA and nvcc is found
+(a CUDA torch without nvcc warns loudly; MODALMOE_REQUIRE_CUDA=1 makes that an error, MODALMOE_NO_CUDA=1
+builds CPU-only on purpose). The decisions live in csrc/build_checks.py.
 
 Install with ``pip install --no-build-isolation -e .`` after torch: the build imports the torch you
 already have instead of letting pip fetch another one into an isolated build environment.
 """
 
 import glob
+import importlib.util
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -47,10 +51,39 @@ class BuildPy(build_py):
         return modules
 
 
+def _load_build_checks():
+    """csrc/build_checks.py by path: the decisions below, importable by tests without running setup()."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build_checks.py")
+    spec = importlib.util.spec_from_file_location("modalmoe_build_checks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_checks = _load_build_checks()
+
+
 def with_cuda() -> bool:
-    if os.environ.get("MODALMOE_NO_CUDA", "0") == "1":
-        return False
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    """Decide CUDA or CPU-only, loudly; exit with the fix when the toolkit cannot build for this torch."""
+    try:
+        cuda, warning = build_checks.cuda_build_decision(torch.version.cuda, cpp_extension.CUDA_HOME, os.environ)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        if not cuda:
+            return False
+        nvcc = os.environ.get("PYTORCH_NVCC") or os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        try:
+            version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+        except OSError as exc:
+            version = f"{type(exc).__name__}: {exc}"
+        build_checks.check_nvcc_matches_torch(torch.version.cuda, version, nvcc)
+    except build_checks.BuildConfigError as exc:
+        sys.exit(str(exc))
+    arch_list = build_checks.cuda_arch_list(os.environ, torch.cuda.is_available())
+    if arch_list is not None:
+        print(f"modalmoe: no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling for {arch_list}", file=sys.stderr)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    return True
 
 
 def extensions():
@@ -65,7 +98,7 @@ def extensions():
                 "modalmoe._C",
                 sources,
                 define_macros=[("MODALMOE_WITH_CUDA", None)],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

@@ -13,6 +13,7 @@ from ..runtime.moe import MoELayer
 from ..runtime.moe.experts import MLP
 from .attention import Attention
 from .config import ModelConfig
+from .masks import AttentionMask
 from .norm import RMSNorm
 
 __all__ = ["TransformerBlock"]
@@ -43,7 +44,7 @@ class TransformerBlock(nn.Module):
         x_BSD: Tensor,
         modality_BS: Tensor,
         mask_BS: Tensor,
-        attn_mask_B1SS: Tensor,
+        attn_mask_B1SS: AttentionMask,  # dense bool [B, 1, S, S] or a FlexAttention BlockMask
         rotary: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Any | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), attn_mask_B1SS, rotary))

@@ -39,6 +39,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    # auto: FlexAttention (fused kernel, block-sparse prefix-LM mask) on CUDA when available and
+    # dropout is 0, else SDPA with a dense mask; flex has no attention dropout nor a CPU backward
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -92,6 +95,16 @@ class ModelConfig:
         check(0.0 <= self.dropout < 1.0, f"{p}.dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.init_std > 0, f"{p}.init_std", f"must be > 0, got {self.init_std}")
         check(self.norm_eps > 0, f"{p}.norm_eps", f"must be > 0, got {self.norm_eps}")
+        check(self.attention in ("auto", "sdpa", "flex"), f"{p}.attention",
+              f"choose one of auto, sdpa, flex; got {self.attention!r}")
+        if self.attention == "flex":
+            check(self.dropout == 0.0, f"{p}.attention",
+                  f"flex has no attention dropout but {p}.dropout={self.dropout}; set it to 0 or use sdpa/auto")
+            check(self.head_dim >= 16, f"{p}.attention",
+                  f"flex's fused kernel needs head_dim >= 16 but hidden_size/num_heads={self.head_dim}; "
+                  "use fewer heads, or sdpa/auto")
+            check(_has_flex(), f"{p}.attention",
+                  "flex needs torch.nn.attention.flex_attention (torch >= 2.5); use sdpa or auto")
         if self.moe_layers:
             if self.moe.hidden_size == 0:
                 self.moe.hidden_size = self.hidden_size
@@ -114,6 +127,14 @@ class ModelConfig:
         from .transformer import MultimodalTransformer
 
         return MultimodalTransformer(self.validate())
+
+
+def _has_flex() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _divisor_near(n: int, k: int) -> int:

@@ -28,7 +28,7 @@ from .block import TransformerBlock
 from .config import IMAGE, TEXT, ModelConfig
 from .embedding import MultimodalEmbedding
 from .losses import caption_nll, contrastive_loss
-from .masks import prefix_lm_mask
+from .masks import attention_mask
 from .norm import RMSNorm
 from .rope import Rotary
 
@@ -136,7 +136,8 @@ class MultimodalTransformer(nn.Module):
         positions_S: Tensor,
     ) -> _Encoded:
         x_BSD = self.embed_drop(self.embed(patches_BPC, text_BL, modality_BS, positions_S))
-        attn_mask_B1SS = prefix_lm_mask(modality_BS, mask_BS)
+        # built once here, shared by every block: a dense [B, 1, S, S] mask (SDPA) or a BlockMask (flex)
+        attn_mask_B1SS = attention_mask(self.cfg.attention, modality_BS, mask_BS, self.cfg.dropout, self.cfg.head_dim)
         rotary = self.rotary(positions_S) if self.rotary is not None else None
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         stats = []

@@ -35,6 +35,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     tf32: bool = True  # on CUDA, float32 matmuls and convolutions may use TF32 tensor cores
+    # dense peak TFLOP/s per GPU for the mfu metric: None = look it up by GPU name (runtime/flops.py), 0 = no mfu
+    peak_tflops: float | None = None
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8
@@ -85,6 +87,11 @@ class TrainConfig:
         check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
         check(0 <= self.collapse_share < 1, f"{p}.collapse_share", f"must be in [0, 1) (0 = no alarm), got {self.collapse_share}")
         check(self.collapse_window >= 1, f"{p}.collapse_window", f"must be >= 1 step, got {self.collapse_window}")
+        check(
+            self.peak_tflops is None or self.peak_tflops >= 0,
+            f"{p}.peak_tflops",
+            f"must be a GPU's peak TFLOP/s, 0 (no mfu) or null (look it up by GPU name), got {self.peak_tflops}",
+        )
 
     @property
     def resolved_run_dir(self) -> Path:

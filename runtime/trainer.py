@@ -29,6 +29,7 @@ from .distributed import init_from_env, polled, set_busy_wait
 from .engine import DeepSpeedEngine, TorchEngine
 from .evaluate import evaluate
 from .faults import NonFiniteError, NonFiniteTracker, PeerLostError, describe
+from .flops import TrainFlops, peak_tflops, throughput_metrics
 from .health import CollapseMonitor
 from .job_config import JobConfig
 from .metrics import MetricsWriter, get_logger
@@ -140,7 +141,8 @@ class Trainer:
             self._continue_from(init)
         torch.manual_seed(t.seed + 1 + self.dp_rank)  # per-replica randomness (noise, dropout) after the shared init
         self.train_loader = train_data if train_data is not None else build_loader(
-            cfg.data, split="train", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer
+            cfg.data, split="train", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer,
+            pin_memory=self.device.type == "cuda",
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=t.tensorboard)
@@ -273,7 +275,7 @@ class Trainer:
     def train_step(self, batch) -> tuple[dict[str, float], list[RoutingStats], int]:
         """One optimizer step. The caption loss is normalised by the global number of caption
         tokens, so every layout computes the gradient of the same global-batch objective."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # from pinned memory on CUDA: the copy overlaps
         with self._autocast():
             out = self.model(batch)
         n_local = out.num_text_tokens.detach().float()
@@ -309,6 +311,13 @@ class Trainer:
         m = {k: v / n for k, v in sums.items()}
         m["lr"] = self.engine.lr
         m["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        # model FLOPs of the window's samples (every dp replica's), shared by every rank of the job
+        samples = n * self.cfg.data.batch_size * self.dp_size
+        model_flops = TrainFlops.of(self.cfg.model, self.active_params)
+        flops = model_flops.for_window(tokens, samples, self.cfg.model.max_text_len)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        peak = peak_tflops(self.device, self.dtype, self.cfg.train.tf32, self.cfg.train.peak_tflops)
+        m.update(throughput_metrics(flops, seconds, world, peak))
         if stats:
             m["balance"] = sum(s.balance() for s in stats) / len(stats)
             m["routing/specialisation"] = sum(specialisation_index(s.load_ME) for s in stats) / len(stats)
@@ -426,7 +435,8 @@ class Trainer:
                 m = self._window_metrics(sums, n, window, tokens, time.perf_counter() - t0)
                 self.metrics.write(self.step, "train", m)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", tok_s=f"{m['tokens_per_s']:.0f}", bal=f"{m.get('balance', 1.0):.2f}")
+                    progress.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", tok_s=f"{m['tokens_per_s']:.0f}", bal=f"{m.get('balance', 1.0):.2f}",
+                                         **({"mfu": f"{m['mfu']:.1%}"} if "mfu" in m else {}))
                 self.run_stats = window or self.run_stats
                 sums, window, n, tokens, t0 = {}, [], 0, 0, time.perf_counter()
             if progress is not None:
@@ -457,7 +467,8 @@ class Trainer:
         if not self.cfg.data.eval_shards:
             return {}
         t = self.cfg.train
-        loader = build_loader(self.cfg.data, split="eval", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer)
+        loader = build_loader(self.cfg.data, split="eval", dp_rank=self.dp_rank, dp_size=self.dp_size, tokenizer=self.tokenizer,
+                              pin_memory=self.device.type == "cuda")
         result = evaluate(
             self.model, loader, self.device, max_batches=t.eval_batches, retrieval_size=t.retrieval_size,
             pad_id=self.tokenizer.pad_id, vocab_size=self.cfg.model.vocab_size, dtype=self.dtype,

@@ -4,9 +4,11 @@
 #include "../permute.h"
 #include "permute_kernels.h"
 
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h would pull in the cuBLAS / cuSPARSE / cuSOLVER headers.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 namespace modalmoe {
@@ -71,7 +73,7 @@ Plan build_plan_cuda(const at::Tensor& topk_idx_Tk, int64_t num_experts, int64_t
   const int64_t T = idx.size(0), k = idx.size(1), S = T * k, E = num_experts;
   const bool is64 = idx.scalar_type() == at::kLong;
   const auto i64 = idx.options().dtype(at::kLong);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor base_CE = at::empty({cuda::plan_num_chunks(S) * E}, i64);
   at::Tensor counts = at::empty({E}, i64), padded = at::empty({E}, i64), offsets = at::empty({E + 1}, i64);
@@ -105,7 +107,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& x_TH, const at::Tensor& src_slot_R
   MODALMOE_CUDA_CHECK(cuda::gather_rows(kernel_dtype(x.scalar_type()), x.const_data_ptr(),
                                         src_slot.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr() : nullptr,
                                         out.data_ptr(), R, H, row_of_Tk.numel(), row_of_Tk.size(1),
-                                        at::cuda::getCurrentCUDAStream()));
+                                        c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -135,7 +137,7 @@ at::Tensor combine_rows_cuda(const at::Tensor& y_RH, const at::Tensor& row_of_Tk
   at::Tensor out = at::empty({T, H}, y.options());
   MODALMOE_CUDA_CHECK(cuda::combine_rows(kernel_dtype(y.scalar_type()), y.const_data_ptr(),
                                          row_of.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr() : nullptr,
-                                         out.data_ptr(), T, k, H, y.size(0), at::cuda::getCurrentCUDAStream()));
+                                         out.data_ptr(), T, k, H, y.size(0), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -157,7 +159,7 @@ at::Tensor slot_dot_cuda(const at::Tensor& tokens_TH, const at::Tensor& rows_RH,
   at::Tensor out = at::empty({T, k}, a.options().dtype(acc_dtype(a.scalar_type())));
   MODALMOE_CUDA_CHECK(cuda::slot_dot(kernel_dtype(a.scalar_type()), a.const_data_ptr(), b.const_data_ptr(),
                                      row_of.const_data_ptr<int64_t>(), out.data_ptr(), T, k, a.size(1), b.size(0),
-                                     at::cuda::getCurrentCUDAStream()));
+                                     c10::cuda::getCurrentCUDAStream()));
   return out.to(dtype);
 }
 

@@ -230,9 +230,10 @@ class ShardLoader:
     epoch counter advances when an epoch is read to its end. Eval: one finite pass, no shuffling.
     """
 
-    def __init__(self, cfg: DataConfig, stream: SampleStream, *, split: Literal["train", "eval"]):
+    def __init__(self, cfg: DataConfig, stream: SampleStream, *, split: Literal["train", "eval"], pin_memory: bool = False):
         self.cfg = cfg
         self.split = split
+        self.pin_memory = pin_memory  # page-locked batches, so a non_blocking .to(cuda) overlaps the copy
         self.stream = stream
         self.num_workers = cfg.num_workers
         self.epoch = 0
@@ -265,7 +266,7 @@ class ShardLoader:
             self.stream,
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             worker_init_fn=worker_init_fn() if self.num_workers > 0 else None,
             **kwargs,
         )
@@ -377,8 +378,9 @@ def build_loader(
     dp_rank: int,
     dp_size: int,
     tokenizer: Tokenizer | str,
+    pin_memory: bool = False,
 ) -> ShardLoader:
-    """The loader for one data-parallel rank.
+    """The loader for one data-parallel rank; ``pin_memory`` when its batches go to a GPU.
 
     ``dp_rank``/``dp_size`` are the data-parallel coordinates (not the global rank): every
     tensor-parallel rank of a replica passes the same ``dp_rank`` and so gets the same batches.
@@ -409,4 +411,4 @@ def build_loader(
         cfg.num_workers,
         stream.plan,
     )
-    return ShardLoader(cfg, stream, split=split)
+    return ShardLoader(cfg, stream, split=split, pin_memory=pin_memory)

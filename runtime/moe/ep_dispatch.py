@@ -62,7 +62,7 @@ def _expert_major_order(counts_PL: Tensor, num_rows: int) -> Tensor:
 def _reorder_rows(x_NH: Tensor, take_N: Tensor, put_N: Tensor) -> Tensor:
     """``x[take]`` for a permutation ``take`` with inverse ``put``. Through the gather/combine ops
     (k = 1) the backward is the inverse gather, where index_select's would zero-fill and index_add."""
-    if not ops.HAS_EXTENSION:
+    if not ops.kernels_for(x_NH.device.type, "gather_rows"):
         return x_NH.index_select(0, take_N)
     return torch.ops.modalmoe.gather_rows(x_NH, take_N, put_N.view(-1, 1), None)
 

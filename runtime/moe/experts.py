@@ -38,7 +38,7 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2_EFH, std=init_std / math.sqrt(2))
 
     def forward(self, x_RH: Tensor, counts_E: Tensor | list[int]) -> Tensor:
-        counts = counts_E.tolist() if isinstance(counts_E, Tensor) else counts_E
+        counts = ops.group_offsets(counts_E, x_RH.device)  # device offsets on CUDA, else one host copy
         h_RF = activate(ops.grouped_mm(x_RH, self.w1_EHF.to(x_RH.dtype), counts), self.activation)
         return ops.grouped_mm(h_RF, self.w2_EFH.to(x_RH.dtype), counts)
 
