@@ -515,3 +515,84 @@ def _register_python_kernels() -> None:
 
 if HAS_EXTENSION:
     _register_python_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU: silu(gate) * up in one pass forward and one backward (CPU kernel; reference elsewhere).
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["swiglu", "swiglu_reference", "top_k_rows", "top_k_rows_reference"]
+
+
+def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` on the last dim: the semantics of :func:`swiglu`."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of ``h [..., 2F]`` -> ``[..., F]``, equal to :func:`swiglu_reference` in h's dtype.
+
+    For bfloat16 on CPU the compiled op reads h once and writes the output once (backward: one pass,
+    saving only h) instead of torch's silu and product, then two products, silu_backward and a cat;
+    its results are torch's bit for bit but for exp's last float bit (bf16 rounding hides it).
+    Other dtypes and devices run the reference. Not twice differentiable on the op path.
+    """
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim, got {tuple(h.shape)}")
+    if not (h.dtype == torch.bfloat16 and h.device.type == "cpu" and kernels_for("cpu", "swiglu")):
+        return swiglu_reference(h)
+    return torch.ops.modalmoe.swiglu(h)
+
+
+def top_k_rows_reference(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """k passes of argmax, each pick then set to -inf: the semantics of :func:`top_k_rows`."""
+    picks, s = [], scores_TE.detach()
+    for j in range(k):
+        idx_T = s.argmax(-1)
+        picks.append(idx_T)
+        if j + 1 < k:
+            s = s.scatter(1, idx_T[:, None], float("-inf"))
+    return torch.stack(picks, 1)
+
+
+def top_k_rows(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [T, k] int64 of each row's k largest scores, largest first, ties to the lower index.
+
+    On CPU (k <= min(8, E)) one pass over the rows; otherwise :func:`top_k_rows_reference`. No grad.
+    """
+    if scores_TE.dim() != 2 or k < 1:
+        raise ValueError(f"top_k_rows needs scores [T, E] and k >= 1, got {tuple(scores_TE.shape)}, k={k}")
+    on_cpu = scores_TE.device.type == "cpu" and kernels_for("cpu", "top_k_rows")
+    if not (on_cpu and k <= min(8, scores_TE.shape[1])):
+        return top_k_rows_reference(scores_TE, k)
+    return torch.ops.modalmoe.top_k_rows(scores_TE.detach(), k)
+
+
+def _register_swiglu_kernels() -> None:
+    @torch.library.register_fake("modalmoe::top_k_rows")
+    def _(scores, k):
+        return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
+
+    @torch.library.register_fake("modalmoe::swiglu")
+    def _(h):
+        return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+    @torch.library.register_fake("modalmoe::swiglu_backward")
+    def _(grad, h):
+        return h.new_empty(h.shape)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return torch.ops.modalmoe.swiglu_backward(grad.contiguous(), h)
+
+    torch.library.register_autograd("modalmoe::swiglu", backward, setup_context=setup)
+
+
+if HAS_EXTENSION:
+    for _op in ("swiglu", "top_k_rows"):
+        kernels_for("cpu", _op)
+    _register_swiglu_kernels()

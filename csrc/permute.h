@@ -54,4 +54,11 @@ at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntA
 at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad_RN,
                                   c10::IntArrayRef offsets);
 
+// out = silu(h[..., :F]) * h[..., F:] for h [..., 2F] (SwiGLU), and its gradient dh [..., 2F].
+at::Tensor swiglu_cpu(const at::Tensor& h_R2F);
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_RF, const at::Tensor& h_R2F);
+
+// Indices [T, k] of each row's k largest scores, largest first, as k argmax passes give them.
+at::Tensor top_k_rows_cpu(const at::Tensor& scores_TE, int64_t k);
+
 }  // namespace modalmoe

@@ -2,6 +2,8 @@
 // S = T*k, E experts, H hidden, R permuted rows. A slot s = t*k + j; row_of/src_slot are inverse maps.
 #include "permute.h"
 
+#include "bf16_avx512.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -240,6 +242,7 @@ void gather_kernel(const scalar_t* x_TH, const int64_t* src_slot_R, const acc_t*
   const int64_t row_bytes = sizeof(scalar_t) * H;
   const int64_t T = S / std::max<int64_t>(k, 1);
   const bool streaming = w_S == nullptr && can_stream(out_RH, row_bytes, T * row_bytes, R * row_bytes);
+  const bool avx512 = cpu_has_avx512();
   int bad = 0;
 #pragma omp parallel num_threads(threads_for(R * H, kElemsPerThread)) reduction(| : bad)
   {
@@ -262,6 +265,14 @@ void gather_kernel(const scalar_t* x_TH, const int64_t* src_slot_R, const acc_t*
         std::memcpy(static_cast<void*>(dst), src, row_bytes);
       } else {
         const acc_t ws = w_S[s];
+#if MODALMOE_HAS_AVX512
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (avx512) {
+            scale_row_bf16(dst, src, ws, H);  // the scalar bf16 rounding below does not vectorize
+            continue;
+          }
+        }
+#endif
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(ws * static_cast<acc_t>(src[h]));
       }
@@ -280,6 +291,7 @@ void combine_kernel(const scalar_t* y_RH, const int64_t* row_of_S, const acc_t* 
   const int64_t row_bytes = sizeof(scalar_t) * H;
   const bool streaming =
       std::is_same_v<scalar_t, acc_t> && can_stream(out_TH, row_bytes, R * row_bytes, T * row_bytes);
+  const bool avx512 = cpu_has_avx512();
   int bad = 0;
 #pragma omp parallel num_threads(threads_for(T * k * H, kElemsPerThread)) reduction(| : bad)
   {
@@ -319,6 +331,14 @@ void combine_kernel(const scalar_t* y_RH, const int64_t* row_of_S, const acc_t* 
           std::memcpy(o, acc, row_bytes);
         }
       } else {
+#if MODALMOE_HAS_AVX512
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (avx512) {
+            store_row_bf16(o, acc, H);
+            continue;
+          }
+        }
+#endif
         for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
       }
     }

@@ -1,5 +1,6 @@
-// Operator schemas of the modalmoe library. Kernels live in permute_cpu.cpp, grouped_mm.cpp and
-// cuda/permute_binding.cpp; fake (meta) kernels and autograd are registered from modalmoe/ops.py.
+// Operator schemas of the modalmoe library. Kernels live in permute_cpu.cpp, grouped_mm.cpp,
+// swiglu_cpu.cpp, topk_cpu.cpp and cuda/permute_binding.cpp; fake (meta) kernels and autograd are
+// registered from modalmoe/ops.py.
 #include <torch/library.h>
 
 #include "permute.h"
@@ -41,4 +42,7 @@ TORCH_LIBRARY(modalmoe, m) {
   m.def("slot_dot(Tensor tokens, Tensor rows, Tensor row_of, ScalarType dtype) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor w, int[] offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad, int[] offsets) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
+  m.def("top_k_rows(Tensor scores, int k) -> Tensor");
 }

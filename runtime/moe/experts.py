@@ -18,8 +18,7 @@ __all__ = ["GroupedExperts", "MLP", "activate"]
 
 def activate(h: Tensor, activation: str) -> Tensor:
     if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.swiglu(h)  # silu(gate) * up for h = [gate | up]; one pass each way on CPU in bf16
     if activation == "silu":
         return F.silu(h)
     return F.gelu(h, approximate="tanh")

