@@ -104,14 +104,20 @@ def bench_permute(T: int, H: int, E: int, k: int, repeats: int) -> dict[str, flo
     return {name: median for name, (median, _) in time_interleaved(fns, warmup=3, repeats=repeats).items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_shape_args(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The layer-benchmark CLI shared with bench_moe_bf16.py: one shape, several expert counts."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def main() -> None:
+    ap = layer_shape_args(__doc__, repeats=5)
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--fresh-pages", action="store_true", help="keep glibc's malloc defaults")
     a = ap.parse_args()

@@ -13,10 +13,9 @@ Ratios are medians of interleaved rounds (``bench_permute.time_interleaved``).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from bench_moe import layer_shape_args
 from bench_permute import time_interleaved
 from modalmoe import ops
 from modalmoe.runtime.cpu_memory import keep_freed_memory
@@ -71,14 +70,7 @@ def bench(T: int, H: int, F: int, E: int, k: int, repeats: int) -> dict[str, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--experts", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--repeats", type=int, default=10)
-    a = ap.parse_args()
+    a = layer_shape_args(__doc__, repeats=10).parse_args()
     keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, extension: {ops.HAS_EXTENSION}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; freed memory reused (as the trainer does)")
