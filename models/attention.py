@@ -19,7 +19,7 @@ __all__ = ["Attention", "flex_attention"]
 _compiled_flex = None
 
 
-def flex_attention(q_BNSK: Tensor, k_BNSK: Tensor, v_BNSK: Tensor, block_mask: "BlockMask") -> Tensor:
+def flex_attention(q_BNSK: Tensor, k_BNSK: Tensor, v_BNSK: Tensor, block_mask: BlockMask) -> Tensor:
     """FlexAttention, compiled on CUDA (eager flex is an unfused reference that materialises the
     scores). torch has no FlexAttention backward on CPU, so CPU training uses the SDPA path."""
     global _compiled_flex

@@ -67,7 +67,7 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
-    def validate(self, prefix: str = "model") -> "ModelConfig":
+    def validate(self, prefix: str = "model") -> ModelConfig:
         p = prefix
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
                      "image_size", "patch_size", "channels"):
@@ -123,7 +123,7 @@ class ModelConfig:
             self.moe.validate(f"{p}.moe")
         return self
 
-    def build(self) -> "MultimodalTransformer":
+    def build(self) -> MultimodalTransformer:
         from .transformer import MultimodalTransformer
 
         return MultimodalTransformer(self.validate())

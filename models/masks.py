@@ -63,7 +63,7 @@ def prefix_lm_mask_mod(modality_BS: Tensor, mask_BS: Tensor | None = None):
     return mask_mod
 
 
-def prefix_lm_block_mask(modality_BS: Tensor, mask_BS: Tensor | None = None) -> "BlockMask":
+def prefix_lm_block_mask(modality_BS: Tensor, mask_BS: Tensor | None = None) -> BlockMask:
     """The prefix-LM mask as a FlexAttention ``BlockMask`` ``[B, 1, S, S]``, built once per forward and
     shared by every layer. On CUDA the construction is compiled, so it never materialises B·S² bools."""
     if create_block_mask is None:

@@ -121,7 +121,7 @@ def lookup_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool = True) 
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 

@@ -131,7 +131,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self, check_paths: bool = True) -> "JobConfig":
+    def validate(self, check_paths: bool = True) -> JobConfig:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()

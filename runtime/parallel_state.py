@@ -90,7 +90,7 @@ class Layout:
         )
 
     @classmethod
-    def from_config(cls, parallel, world_size: int) -> "Layout":
+    def from_config(cls, parallel, world_size: int) -> Layout:
         """From a ``ParallelConfig`` (``tp``, ``ep``, ``dp``) and the launched world size."""
         return cls(world_size=world_size, tp=parallel.tp, ep=parallel.ep, dp=parallel.dp)
 
@@ -180,7 +180,7 @@ class ParallelState:
     groups: dict[str, object] = field(repr=False)  # kind → ProcessGroup
 
     @classmethod
-    def build(cls, layout: Layout, rank: int | None = None) -> "ParallelState":
+    def build(cls, layout: Layout, rank: int | None = None) -> ParallelState:
         """Create every group of every kind (collective: all ranks must call it with the same layout).
 
         Identical rank lists (e.g. EDP = DP when ep = 1) share one group handle.
@@ -235,7 +235,7 @@ class ParallelState:
         return self.layout.describe(self.rank)
 
     @property
-    def mpu(self) -> "DeepSpeedMPU":
+    def mpu(self) -> DeepSpeedMPU:
         return DeepSpeedMPU(self)
 
 

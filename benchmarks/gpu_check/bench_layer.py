@@ -69,7 +69,7 @@ def main() -> int:
 
     n = a.peak_size
     am, bm = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    peak_tflops = 2 * n**3 / median_ms(lambda: am @ bm, device, repeats=a.repeats) / 1e9
+    peak_tflops = 2 * n**3 / median_ms(lambda a_=am, b_=bm: a_ @ b_, device, repeats=a.repeats) / 1e9
     del am, bm
 
     x_TH = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -77,7 +77,7 @@ def main() -> int:
         ms = median_ms(fn, device, repeats=a.repeats)
         half = max(1, bytes_[name] // 2 // b)
         src, dst = torch.empty(half, dtype=dtype, device=device).normal_(), torch.empty(half, dtype=dtype, device=device)
-        copy_ms = median_ms(lambda: dst.copy_(src), device, repeats=a.repeats)
+        copy_ms = median_ms(lambda d=dst, s=src: d.copy_(s), device, repeats=a.repeats)
         del src, dst
         gbps, copy_gbps = bytes_[name] / ms / 1e6, 2 * half * b / copy_ms / 1e6
         rows.append([name, f"{ms:.4g}", f"{bytes_[name] / 1e6:.4g}", f"{gbps:.4g}", f"{copy_gbps:.4g}", f"{copy_ms / ms:.2f}"])

@@ -74,7 +74,7 @@ class MoEConfig:
     def max_top_k(self) -> int:
         return max(self.modality_top_k) if self.modality_top_k else self.top_k
 
-    def validate(self, prefix: str = "moe") -> "MoEConfig":
+    def validate(self, prefix: str = "moe") -> MoEConfig:
         p = prefix
         check(self.hidden_size > 0, f"{p}.hidden_size", f"must be positive (a bare MoE layer has no model to inherit it from), got {self.hidden_size}")
         check(self.ffn_hidden_size > 0, f"{p}.ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")

@@ -26,16 +26,16 @@ class LocalDispatcher:
         self.num_experts = num_experts
         self.pad_multiple = pad_multiple
 
-    def permute(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, "ops.PermutePlan"]:
+    def permute(self, x_TH: Tensor, idx_Tk: Tensor, capacity: int | None) -> tuple[Tensor, ops.PermutePlan]:
         return ops.permute(x_TH, idx_Tk, self.num_experts, pad_multiple=self.pad_multiple, capacity=capacity)
 
-    def shared_counts(self, plan: "ops.PermutePlan") -> Tensor | None:
+    def shared_counts(self, plan: ops.PermutePlan) -> Tensor | None:
         return None
 
-    def send(self, x_RH: Tensor, plan: "ops.PermutePlan", counts_rows=None, rows_group=None):
+    def send(self, x_RH: Tensor, plan: ops.PermutePlan, counts_rows=None, rows_group=None):
         """Returns (rows for the local experts, what combine needs, rows per local expert: a tensor,
         or a list when the dispatcher already had to bring the counts to the host)."""
         return x_RH, plan, plan.padded_counts
 
-    def combine(self, y_RH: Tensor, plan: "ops.PermutePlan", weights_Tk: Tensor) -> Tensor:
+    def combine(self, y_RH: Tensor, plan: ops.PermutePlan, weights_Tk: Tensor) -> Tensor:
         return ops.unpermute(y_RH, plan, weights_Tk)

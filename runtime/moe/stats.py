@@ -48,7 +48,7 @@ class RoutingSums:
     z_sum: Tensor  # float32 scalar Σ_t logsumexp(logits_t)² over real tokens (differentiable)
 
     @classmethod
-    def compute(cls, routing: Routing, modality_T: Tensor, valid_T: Tensor, num_modalities: int) -> "RoutingSums":
+    def compute(cls, routing: Routing, modality_T: Tensor, valid_T: Tensor, num_modalities: int) -> RoutingSums:
         probs_TE = routing.probs_TE
         E = probs_TE.shape[1]
         onehot_TM = torch.nn.functional.one_hot(modality_T, num_modalities).float() * valid_T[:, None]
@@ -65,7 +65,7 @@ class RoutingSums:
             z_sum=(z_T * valid_T).sum(),
         )
 
-    def across(self, group, extra: Tensor | None = None) -> tuple["RoutingSums", Tensor | None]:
+    def across(self, group, extra: Tensor | None = None) -> tuple[RoutingSums, Tensor | None]:
         """The sums over every rank of ``group`` (the DP group), in one all-gather that can also
         carry a small per-rank ``extra`` vector (the EP dispatcher's expert counts).
 
@@ -103,7 +103,7 @@ class RoutingStats:
     calls: int = 1
 
     @classmethod
-    def from_sums(cls, sums: RoutingSums, kept_ME: Tensor, losses: dict[str, Tensor]) -> "RoutingStats":
+    def from_sums(cls, sums: RoutingSums, kept_ME: Tensor, losses: dict[str, Tensor]) -> RoutingStats:
         return cls(
             tokens_M=sums.tokens_M.detach(),
             load_ME=sums.load_ME.detach(),
@@ -112,7 +112,7 @@ class RoutingStats:
             losses={k: v.detach().float() for k, v in losses.items()},
         )
 
-    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+    def __add__(self, other: RoutingStats) -> RoutingStats:
         keys = set(self.losses) | set(other.losses)
         zero = self.tokens_M.new_zeros(())
         return RoutingStats(

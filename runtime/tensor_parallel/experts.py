@@ -44,7 +44,7 @@ class TensorParallelGroupedExperts(GroupedExperts):
         self.w2_spec = ShardSpec(dim=1)
 
     @classmethod
-    def from_full(cls, experts: GroupedExperts, tp_group: ProcessGroup) -> "TensorParallelGroupedExperts":
+    def from_full(cls, experts: GroupedExperts, tp_group: ProcessGroup) -> TensorParallelGroupedExperts:
         """This rank's shard of a full ``GroupedExperts`` (same on every rank)."""
         E, H, _ = experts.w1_EHF.shape
         F = experts.w2_EFH.shape[1]
