@@ -311,11 +311,8 @@ def group_offsets(counts_E: torch.Tensor | Sequence[int], device: torch.device |
         if isinstance(counts_E, torch.Tensor):
             return counts_E.to(device, non_blocking=True).cumsum(0).to(torch.int32)
         return torch.tensor(counts_E, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-    counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else counts_E
-    offsets = [0]
-    for n in counts:
-        offsets.append(offsets[-1] + int(n))
-    return offsets
+    counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+    return _offsets_list(counts, len(counts))
 
 
 def _is_group_ends(arg: object, num_groups: int) -> bool:
@@ -569,7 +566,7 @@ def top_k_rows(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.modalmoe.top_k_rows(scores_TE.detach(), k)
 
 
-def _register_swiglu_kernels() -> None:
+def _register_swiglu_and_top_k_kernels() -> None:
     @torch.library.register_fake("modalmoe::top_k_rows")
     def _(scores, k):
         return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
@@ -595,4 +592,4 @@ def _register_swiglu_kernels() -> None:
 if HAS_EXTENSION:
     for _op in ("swiglu", "top_k_rows"):
         kernels_for("cpu", _op)
-    _register_swiglu_kernels()
+    _register_swiglu_and_top_k_kernels()

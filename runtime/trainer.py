@@ -122,6 +122,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = cfg.model.build()
         self.total_params, self.active_params = count_parameters(model)
+        self.model_flops = TrainFlops.of(cfg.model, self.active_params)
+        self.peak_tflops = peak_tflops(self.device, self.dtype, t.tf32, t.peak_tflops)
         init = load_consolidated(t.init_from) if t.init_from else None
         if init is not None:
             model.load_state_dict(init[0])
@@ -313,11 +315,9 @@ class Trainer:
         m["tokens_per_s"] = tokens / max(seconds, 1e-9)
         # model FLOPs of the window's samples (every dp replica's), shared by every rank of the job
         samples = n * self.cfg.data.batch_size * self.dp_size
-        model_flops = TrainFlops.of(self.cfg.model, self.active_params)
-        flops = model_flops.for_window(tokens, samples, self.cfg.model.max_text_len)
+        flops = self.model_flops.for_window(tokens, samples, self.cfg.model.max_text_len)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        peak = peak_tflops(self.device, self.dtype, self.cfg.train.tf32, self.cfg.train.peak_tflops)
-        m.update(throughput_metrics(flops, seconds, world, peak))
+        m.update(throughput_metrics(flops, seconds, world, self.peak_tflops))
         if stats:
             m["balance"] = sum(s.balance() for s in stats) / len(stats)
             m["routing/specialisation"] = sum(specialisation_index(s.load_ME) for s in stats) / len(stats)
