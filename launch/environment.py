@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..runtime.config import ConfigError
 
-__all__ = ["LaunchError", "LaunchInfo", "detect", "setup_environment", "slurm_first_host", "slurm_port"]
+__all__ = ["LaunchError", "LaunchInfo", "detect", "free_port", "setup_environment", "slurm_first_host", "slurm_port"]
 
 _TORCH_VARS = ("RANK", "WORLD_SIZE")
 
@@ -115,10 +115,11 @@ def slurm_first_host(nodelist: str) -> str:
 
 
 def slurm_port(job_id: str) -> int:
-    """A port every task of one job derives alike without talking: 20000 + job id mod 20000.
-    Two jobs sharing a node collide only when their ids are 20000 apart; the sbatch scripts pass a
-    port they checked is free as MASTER_PORT, which wins over this."""
-    return 20000 + (int(job_id) % 20000 if job_id.isdigit() else 0)
+    """A port every task of one job derives alike without talking: 20000 + job id mod 12000, below
+    Linux's default ephemeral range (32768+), where the kernel never hands ports to other sockets.
+    Two jobs sharing a node collide only when their ids are 12000 apart; the sbatch scripts pass a
+    port they checked is free (:func:`free_port`) as MASTER_PORT, which wins over this."""
+    return 20000 + (int(job_id) % 12000 if job_id.isdigit() else 0)
 
 
 def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
@@ -158,10 +159,42 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
     return LaunchInfo("slurm", rank, world, local, local_world, addr, port, detail)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(start: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """A TCP port free on this host now, taken from below the kernel's ephemeral range.
+
+    A port the kernel handed out by ``bind(0)`` is an ephemeral one: between the moment it is read
+    and the moment rank 0 listens on it, srun, slurmstepd or any outgoing connection may be given the
+    same port by the kernel (a CI job failed so, EADDRINUSE). Ports below the ephemeral range are
+    never handed out that way. The probe starts at ``start`` (default: :func:`slurm_port` of the SLURM
+    job, so jobs sharing a node start apart) and walks up, wrapping, until one binds."""
+    env = os.environ if env is None else env
+    low, high = 20000, _ephemeral_range()[0] - 1
+    if high - low < 1000:  # the ephemeral range starts too low to leave room: fall back to the kernel's pick
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+    if start is None:
+        start = slurm_port(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
+    span = high - low + 1
+    first = low + (start - low) % span
+    for i in range(span):
+        port = low + (first - low + i) % span
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise LaunchError(f"no free TCP port in {low}-{high} on {socket.gethostname()}; export MASTER_PORT to a free port")
 
 
 def _from_openmpi(env: Mapping[str, str]) -> LaunchInfo:
@@ -190,7 +223,7 @@ def _from_openmpi(env: Mapping[str, str]) -> LaunchInfo:
                 "that started the job: reinstall it with `pip install --no-binary mpi4py --force-reinstall mpi4py`"
             )
         if addr is None or port is None:
-            mine = (addr or socket.gethostname(), port or _free_port()) if rank == 0 else None
+            mine = (addr or socket.gethostname(), port or free_port()) if rank == 0 else None
             addr, port = comm.bcast(mine, root=0)
         via = "mpi4py"
     return LaunchInfo("mpirun", rank, world, local, local_world, addr, port,

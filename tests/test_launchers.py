@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ from modalmoe.launch.cli import main
 from modalmoe.launch.environment import (
     LaunchError,
     detect,
+    free_port,
     setup_environment,
     slurm_first_host,
     slurm_port,
@@ -73,9 +75,8 @@ def _require_mpi4py() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Below the ephemeral range, like the launch scripts' ports; a random start keeps two picks apart."""
+    return free_port(start=random.randrange(20000, 32000))
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -430,6 +431,23 @@ def test_detect_each_launcher_from_its_variables(monkeypatch):
         ("slurm", 3, 8, 1, 2, "gpu07", slurm_port("123"))
     assert sl.describe().startswith("launched by slurm: job 123, 8 tasks on 4 node(s)")
     assert detect({}).launcher == "single"
+
+
+def test_free_port_skips_ports_in_use_and_stays_below_the_ephemeral_range():
+    from modalmoe.launch.environment import _ephemeral_range
+
+    eph_low = _ephemeral_range()[0]
+    start = 20000 + (os.getpid() % 5000)
+    with socket.socket() as held:
+        held.bind(("", free_port(start=start)))
+        held.listen()
+        taken = held.getsockname()[1]
+        port = free_port(start=taken)
+        assert port != taken and 20000 <= port < eph_low
+        with socket.socket() as s:
+            s.bind(("", port))  # really free
+    job = free_port(env={"SLURM_JOB_ID": "4321"})
+    assert job >= slurm_port("4321") and job < eph_low
 
 
 def test_slurm_first_host_without_scontrol(monkeypatch):
