@@ -35,8 +35,9 @@ PACKAGE_DIRS = {
     "modalmoe.runtime.moe": "runtime/moe",
     "modalmoe.runtime.data": "runtime/data",
     "modalmoe.runtime.tensor_parallel": "runtime/tensor_parallel",
-    "modalmoe.runtime.study": "runtime/study",
     "modalmoe.models": "models",
+    "modalmoe.train": "train",
+    "modalmoe.study": "study",
     "modalmoe.launch": "launch",
 }
 

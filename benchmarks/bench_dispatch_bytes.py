@@ -30,7 +30,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from modalmoe.runtime.moe import MoEConfig
 from modalmoe.runtime.moe.ep_dispatch import expert_parallel_layer
 from modalmoe.runtime.parallel_state import Layout, ParallelState

@@ -49,9 +49,9 @@ def _batches(n: int, batch: int, seed: int):
 
 
 def worker(args) -> None:
-    from modalmoe.models.presets import preset_path
-    from modalmoe.runtime.job_config import load_job_config
-    from modalmoe.runtime.trainer import Trainer
+    from modalmoe.launch.presets import preset_path
+    from modalmoe.train.job_config import load_job_config
+    from modalmoe.train.trainer import Trainer
 
     rank = int(os.environ.get("RANK", "0"))
     overrides = [
@@ -99,8 +99,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
     if args.batch is None:
-        from modalmoe.models.presets import preset_path
-        from modalmoe.runtime.job_config import load_job_config
+        from modalmoe.launch.presets import preset_path
+        from modalmoe.train.job_config import load_job_config
 
         args.batch = load_job_config(preset_path("smoke"), []).data.batch_size
     from modalmoe.runtime.data import make_demo

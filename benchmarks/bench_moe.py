@@ -20,12 +20,11 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from bench_permute import time_interleaved
 from modalmoe import ops
 from modalmoe.runtime.cpu_memory import keep_freed_memory
 from modalmoe.runtime.moe import MoEConfig, MoELayer
+from torch import nn
 
 
 def _mlp(H: int, F: int) -> nn.Module:

@@ -14,7 +14,6 @@ Ratios are medians of interleaved rounds (``bench_permute.time_interleaved``).
 from __future__ import annotations
 
 import torch
-
 from bench_moe import layer_shape_args
 from bench_permute import time_interleaved
 from modalmoe import ops

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from modalmoe import ops
 from modalmoe.runtime.cpu_memory import keep_freed_memory
 

@@ -77,7 +77,7 @@ def _study_parser(sub) -> None:
 
 
 def _study(args) -> int:
-    from ..runtime.study import run_study
+    from ..study import run_study
 
     print(f"report: {run_study(args.name, args.overrides, args.out, jobs=args.jobs, report_only=args.report_only)}")
     return 0
@@ -86,15 +86,15 @@ def _study(args) -> int:
 def _resolve_config_path(args) -> Path:
     if args.config:
         return Path(args.config)
-    from ..models.presets import preset_path
+    from .presets import preset_path
 
     return preset_path(args.preset)
 
 
 def build_job_config(args, *, check_paths: bool = True):
     """Config file + overrides (+ the demo data when no shards are named) → a validated JobConfig."""
-    from ..runtime.job_config import load_job_config
     from ..runtime.metrics import get_logger
+    from ..train.job_config import load_job_config
 
     cfg = load_job_config(_resolve_config_path(args), args.overrides)
     if not cfg.data.train_shards:
@@ -129,7 +129,7 @@ def _train(args) -> int:
         print(cfg.to_yaml())
         return 0
     from ..runtime.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
-    from ..runtime.trainer import Trainer
+    from ..train.trainer import Trainer
 
     try:
         with PreemptionHandler():

@@ -1,10 +1,10 @@
 """The early-fusion multimodal MoE transformer: config, layers, objectives, retrieval metrics."""
 
-from .config import IMAGE, TEXT, ModelConfig
+from ..runtime.modality import IMAGE, TEXT
+from .config import ModelConfig
 from .params import count_parameters
-from .presets import list_presets, load_model_config, preset_path
 from .retrieval import normalize_over_images, recall_at_k
-from .transformer import ModelOutput, MultimodalTransformer
+from .transformer import ModelOutput, MultimodalTransformer, build_model
 
 __all__ = [
     "IMAGE",
@@ -12,10 +12,8 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "MultimodalTransformer",
+    "build_model",
     "count_parameters",
-    "list_presets",
-    "load_model_config",
     "normalize_over_images",
-    "preset_path",
     "recall_at_k",
 ]

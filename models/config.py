@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..runtime.config import check
+from ..runtime.modality import NUM_MODALITIES
 from ..runtime.moe.config import MoEConfig
 
-if TYPE_CHECKING:
-    from .transformer import MultimodalTransformer
+__all__ = ["ModelConfig"]
 
-__all__ = ["ModelConfig", "IMAGE", "TEXT", "NUM_MODALITIES"]
-
-IMAGE, TEXT = 0, 1
-NUM_MODALITIES = 2
 
 
 @dataclass
@@ -123,10 +119,6 @@ class ModelConfig:
             self.moe.validate(f"{p}.moe")
         return self
 
-    def build(self) -> MultimodalTransformer:
-        from .transformer import MultimodalTransformer
-
-        return MultimodalTransformer(self.validate())
 
 
 def _has_flex() -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import NUM_MODALITIES, ModelConfig
+from ..runtime.modality import NUM_MODALITIES
+from .config import ModelConfig
 
 __all__ = ["MultimodalEmbedding"]
 

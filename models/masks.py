@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import IMAGE, TEXT
+from ..runtime.modality import IMAGE, TEXT
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask

@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime.modality import IMAGE, TEXT
 from .block import TransformerBlock
-from .config import IMAGE, TEXT, ModelConfig
+from .config import ModelConfig
 from .embedding import MultimodalEmbedding
 from .losses import caption_nll, contrastive_loss
 from .masks import attention_mask
 from .norm import RMSNorm
 from .rope import Rotary
 
-__all__ = ["MultimodalTransformer", "ModelOutput", "TPStyle"]
+__all__ = ["MultimodalTransformer", "ModelOutput", "TPStyle", "build_model"]
 
 TPStyle = Literal["colwise", "colwise_gated", "rowwise"]
 
@@ -286,3 +287,8 @@ class MultimodalTransformer(nn.Module):
                 plan[f"layers.{i}.ffn.up"] = "colwise_gated" if gated else "colwise"
                 plan[f"layers.{i}.ffn.down"] = "rowwise"
         return plan
+
+
+def build_model(cfg: ModelConfig) -> MultimodalTransformer:
+    """The model a validated ``cfg`` describes, on the default device with fresh weights."""
+    return MultimodalTransformer(cfg.validate())

@@ -17,9 +17,9 @@ from torch import nn
 from .distributed import is_expert_param, polled
 from .faults import weights_only_safe
 from .metrics import get_logger
+from .moe.layer import moe_layers
 from .optim import build_adamw, lr_lambda, param_groups
-from .parallel_state import ParallelState, deepspeed_moe_marker, register_with_deepspeed
-from .parallelize import expert_group_name, moe_layers
+from .parallel_state import ParallelState, deepspeed_moe_marker, expert_group_name, register_with_deepspeed
 
 __all__ = ["TorchEngine", "DeepSpeedEngine", "global_grad_norm", "deepspeed_config"]
 

@@ -32,6 +32,7 @@ __all__ = [
     "ParallelState",
     "DeepSpeedMPU",
     "deepspeed_group_name",
+    "expert_group_name",
     "register_with_deepspeed",
     "mark_expert_params",
     "deepspeed_moe_marker",
@@ -291,6 +292,10 @@ def deepspeed_group_name(ep: int) -> str:
     """DeepSpeed keys expert groups ``ep_size_<ep>`` and parses the number back out of the name
     (``groups._get_max_expert_size``), so our groups must be registered under that pattern."""
     return f"ep_size_{ep}"
+
+
+def expert_group_name(state: ParallelState) -> str:
+    return deepspeed_group_name(state.size("ep"))
 
 
 def register_with_deepspeed(state: ParallelState) -> str:

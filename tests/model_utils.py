@@ -4,7 +4,6 @@ caption padded to the config's max_text_len."""
 from __future__ import annotations
 
 import torch
-
 from modalmoe.models import IMAGE, TEXT, ModelConfig
 
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from modalmoe.runtime.data.batch import Batch
-from modalmoe.runtime.job_config import load_job_config
+from modalmoe.train.job_config import load_job_config
 
 STEPS = 20
 GLOBAL_BATCH = 8
@@ -67,7 +66,7 @@ def global_batches(seed: int = 0) -> list[Batch]:
 
 
 def train_run(rank: int, world: int, overrides: list[str], run_dir: str, start: int = 0) -> list[tuple[float, float]] | None:
-    from modalmoe.runtime.trainer import Trainer
+    from modalmoe.train.trainer import Trainer
 
     cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}"]).validate()
     dp = world // cfg.parallel.tp

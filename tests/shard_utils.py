@@ -8,7 +8,6 @@ import tarfile
 from pathlib import Path
 
 import webdataset as wds
-
 from modalmoe.runtime.data import render_scene, sample_scene
 
 

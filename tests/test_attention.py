@@ -12,14 +12,12 @@ import dataclasses
 
 import pytest
 import torch
-from torch.nn.attention import flex_attention as fa
-
-from model_utils import make_batch
-from modalmoe.models import IMAGE, TEXT, ModelConfig
-from modalmoe.models import masks
+from modalmoe.models import IMAGE, TEXT, ModelConfig, build_model, masks
 from modalmoe.models.masks import attention_mask, prefix_lm_mask, prefix_lm_mask_mod
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.moe import MoEConfig
+from model_utils import make_batch
+from torch.nn.attention import flex_attention as fa
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -41,8 +39,8 @@ def tiny_config(**overrides) -> ModelConfig:
 def pair(**overrides):
     """The same weights under both attention paths."""
     torch.manual_seed(0)
-    sdpa = tiny_config(attention="sdpa", **overrides).build()
-    flex = tiny_config(attention="flex", **overrides).build()
+    sdpa = build_model(tiny_config(attention="sdpa", **overrides))
+    flex = build_model(tiny_config(attention="flex", **overrides))
     flex.load_state_dict(sdpa.state_dict())
     return sdpa, flex
 

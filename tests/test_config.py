@@ -1,9 +1,8 @@
 """The config tree: YAML + overrides, strict keys and types, and validation that names the field."""
 
 import pytest
-
 from modalmoe.runtime.config import ConfigError, apply_overrides, from_dict
-from modalmoe.runtime.job_config import JobConfig, load_job_config
+from modalmoe.train.job_config import JobConfig, load_job_config
 
 
 def test_overrides_parse_yaml_values_into_nested_sections():

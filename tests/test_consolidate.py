@@ -4,12 +4,10 @@ travel with the weights, so the continuation is the same optimisation, not a war
 
 from __future__ import annotations
 
-
 from dist_utils import run_distributed
+from modalmoe.launch.cli import main
 from parity_utils import data_overrides, train_run
 from safetensors.torch import load_file
-
-from modalmoe.launch.cli import main
 
 RTOL = 1e-5
 

@@ -11,7 +11,6 @@ import threading
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from dist_utils import run_distributed
 from modalmoe.runtime.cpu_affinity import IO_THREAD_NAME
 from parity_utils import MODEL, data_overrides
@@ -83,8 +82,8 @@ def _policies() -> dict[int, tuple[str, int]]:
 
 
 def _trainer_affinity(rank: int, world: int, overrides: list[str], run_dir: str):
-    from modalmoe.runtime.job_config import load_job_config
-    from modalmoe.runtime.trainer import Trainer
+    from modalmoe.train.job_config import load_job_config
+    from modalmoe.train.trainer import Trainer
 
     cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}/r{rank}", "parallel.ep=2"]).validate()
     Trainer(cfg, train_data=[])
@@ -114,7 +113,6 @@ def _idle_in_child(out) -> None:
     import datetime
 
     import torch.distributed as dist
-
     from modalmoe.runtime.cpu_affinity import idle_io_threads
 
     store = dist.HashStore()

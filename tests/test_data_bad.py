@@ -3,9 +3,8 @@
 import random
 
 import pytest
-from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
-
 from modalmoe.runtime.data import BAD_REASONS, BadDataError, DataConfig, build_loader, make_demo
+from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from modalmoe.runtime.data import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
@@ -15,6 +13,7 @@ from modalmoe.runtime.data import (
     patchify,
     unpatchify,
 )
+from PIL import Image
 
 
 def test_patchify_order_and_inverse():

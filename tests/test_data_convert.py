@@ -4,8 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.data import (
     DataConfig,
@@ -15,6 +13,7 @@ from modalmoe.runtime.data import (
     iter_captions,
     train_tokenizer,
 )
+from PIL import Image
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from modalmoe.runtime.data import (
     HELDOUT_COMBOS,
     DataConfig,

@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 import webdataset as wds
-
 from modalmoe.runtime.data import DataConfig, build_loader, iter_captions, make_demo, render_scene, sample_scene
 
 

@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-
 from modalmoe.runtime.config import ConfigError, from_dict
 from modalmoe.runtime.data import DataConfig, build_loader, check_shards, expand_shards, make_demo
 

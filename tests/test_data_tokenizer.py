@@ -4,7 +4,6 @@ import pickle
 
 import pytest
 import webdataset as wds
-
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, check_vocab_size, train_tokenizer
 

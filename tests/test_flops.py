@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-
-from modalmoe.models import IMAGE, TEXT, ModelConfig, count_parameters
+from modalmoe.models import IMAGE, TEXT, ModelConfig, build_model, count_parameters
 from modalmoe.models.masks import prefix_lm_mask
 from modalmoe.runtime.config import ConfigError
-from modalmoe.runtime.flops import TrainFlops, lookup_peak_tflops, peak_tflops, throughput_metrics
-from modalmoe.runtime.job_config import TrainConfig, load_job_config
 from modalmoe.runtime.moe import MoEConfig
+from modalmoe.train.flops import TrainFlops, lookup_peak_tflops, peak_tflops, throughput_metrics
+from modalmoe.train.job_config import TrainConfig, load_job_config
 from test_train_job import _train, demo_dir  # noqa: F401  (demo_dir is a fixture)
 
 # V=32, D=16, 2 dense layers, FFN 24, 8x8 images in 4x4 patches (P=4, patch_dim=48), L=8, tied head
@@ -23,7 +22,7 @@ DENSE = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, ffn_hidde
 def _flops(**overrides) -> TrainFlops:
     cfg = ModelConfig(**{**DENSE, **overrides}).validate()
     torch.manual_seed(0)
-    _, active = count_parameters(cfg.build())
+    _, active = count_parameters(build_model(cfg))
     return TrainFlops.of(cfg, active)
 
 
@@ -57,7 +56,7 @@ def test_moe_counts_only_the_active_experts():
     moe = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=1)
     dense_trunk = _flops(moe_every=2).trunk
     cfg = ModelConfig(**{**DENSE, "moe_every": 2, "moe": moe}).validate()
-    total, active = count_parameters(cfg.build())
+    total, active = count_parameters(build_model(cfg))
     f = TrainFlops.of(cfg, active)
     assert active < total and f.trunk == active - 768 - 512 - 32
     assert f.trunk < dense_trunk + 4 * 2 * 16 * 8  # fewer than all four experts
@@ -108,7 +107,7 @@ def test_training_writes_tflops_and_mfu_when_the_peak_is_known(demo_dir, tmp_pat
     assert rows and all(r["tflops"] > 0 and "mfu" not in r for r in rows)  # CPU: no known peak
     assert _train(demo_dir, tmp_path / "peak", *common, "train.peak_tflops=0.5") == 0
     model_cfg = load_job_config(tmp_path / "peak" / "config.yaml").model.validate()
-    f = TrainFlops.of(model_cfg, count_parameters(model_cfg.build())[1])
+    f = TrainFlops.of(model_cfg, count_parameters(build_model(model_cfg))[1])
     for r in _train_rows(tmp_path / "peak"):
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
         # one process: FLOPs per token at the window's mean caption length, between 1 and max_text_len

@@ -53,8 +53,8 @@ class SyncCounter(TorchFunctionMode):
 
 
 def _count_one_step(rank, world, overrides, run_dir):
-    from modalmoe.runtime.job_config import load_job_config
-    from modalmoe.runtime.trainer import Trainer
+    from modalmoe.train.job_config import load_job_config
+    from modalmoe.train.trainer import Trainer
 
     cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}"]).validate()
     trainer = Trainer(cfg, train_data=FixedBatches(global_batches(), rank, world // cfg.parallel.tp))

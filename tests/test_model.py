@@ -12,13 +12,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
-from model_utils import make_batch
 from modalmoe.models import (
     IMAGE,
     TEXT,
     ModelConfig,
     MultimodalTransformer,
+    build_model,
     count_parameters,
     list_presets,
     load_model_config,
@@ -30,6 +29,7 @@ from modalmoe.models.masks import prefix_lm_mask
 from modalmoe.models.norm import RMSNorm, apex_rms_norm
 from modalmoe.runtime.config import ConfigError, load_yaml
 from modalmoe.runtime.moe import MoEConfig
+from model_utils import make_batch
 
 torch.set_num_threads(2)
 
@@ -48,7 +48,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def build(seed: int = 0, **overrides) -> MultimodalTransformer:
     torch.manual_seed(seed)
-    return tiny_config(**overrides).build().eval()
+    return build_model(tiny_config(**overrides)).eval()
 
 
 def logits_of(model: MultimodalTransformer, batch: dict) -> torch.Tensor:
@@ -220,7 +220,7 @@ def test_moe_aux_loss_reaches_total():
 
 def test_overfits_four_samples():
     torch.manual_seed(0)
-    model = tiny_config(hidden_size=32, num_heads=4, moe={"hidden_size": 32}).build().train()
+    model = build_model(tiny_config(hidden_size=32, num_heads=4, moe={"hidden_size": 32})).train()
     batch = make_batch(model.cfg, B=4, lengths=[L, 6, 5, L], seed=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None

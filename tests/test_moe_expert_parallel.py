@@ -27,7 +27,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import run_distributed
 from modalmoe.runtime.distributed import all_reduce_sum, reduce_gradients
 from modalmoe.runtime.moe import MoEConfig, MoELayer
@@ -326,7 +325,6 @@ def test_partitioned_router_entropy_grad_is_finite():
 def _deepspeed_worker(rank: int, world: int, ep: int) -> dict:
     """deepspeed.initialize on our groups: its grad reduction must equal ``reduce_gradients``."""
     import deepspeed
-
     from modalmoe.runtime.parallel_state import deepspeed_moe_marker, register_with_deepspeed
 
     state = ParallelState.build(Layout(world, ep=ep))

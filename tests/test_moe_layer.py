@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from modalmoe.runtime.moe import MoEConfig, MoELayer
 from modalmoe.runtime.moe.experts import activate
 

@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from modalmoe.runtime.moe import MoEConfig
 from modalmoe.runtime.moe.losses import block_diagonal_mask, router_losses
 from modalmoe.runtime.moe.router import Routing

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.moe import ROUTERS, MoEConfig, build_router
 

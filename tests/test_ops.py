@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from modalmoe import ops
 from modalmoe.ops import PermutePlan
 

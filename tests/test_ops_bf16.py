@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from modalmoe import ops
 from modalmoe.runtime.moe.experts import MLP, GroupedExperts, activate
 from modalmoe.runtime.moe.router import top_k

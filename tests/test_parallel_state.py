@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import free_port, run_distributed
 from modalmoe.runtime.config import ConfigError
-from modalmoe.runtime.job_config import ParallelConfig
 from modalmoe.runtime.parallel_state import GROUP_KINDS, Layout, ParallelState, register_with_deepspeed
+from modalmoe.train.job_config import ParallelConfig
 
 
 def test_hand_derived_rank_lists():

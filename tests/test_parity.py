@@ -13,11 +13,9 @@ by a few ulps; over these 20 Adam steps that stayed inside 1e-5 in every layout.
 
 from __future__ import annotations
 
-
 import pytest
 from dist_utils import run_distributed
 from parity_utils import STEPS, data_overrides, train_run
-
 
 RTOL = 1e-5
 NORM_RTOL = 1e-4  # a norm of float32 grads summed in another order: a few ulps of each term

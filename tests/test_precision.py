@@ -11,13 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import run_distributed
-from parity_utils import STEPS, data_overrides, train_run
-
 from modalmoe import ops
 from modalmoe.runtime.engine import deepspeed_config
-from modalmoe.runtime.job_config import TrainConfig
 from modalmoe.runtime.moe import MoEConfig, MoELayer
 from modalmoe.runtime.moe import router as router_mod
+from modalmoe.train.job_config import TrainConfig
+from parity_utils import STEPS, data_overrides, train_run
 
 
 def _spy(monkeypatch, module, name, seen: list):
@@ -79,7 +78,7 @@ def test_dtype_auto_means_bf16_on_cuda_fp32_on_cpu():
 def test_deepspeed_bf16_is_autocast_over_fp32_weights():
     """DeepSpeed's own bf16 mode would cast the router and its bias buffer to bf16."""
     from modalmoe.runtime.data.config import DataConfig
-    from modalmoe.runtime.job_config import ParallelConfig
+    from modalmoe.train.job_config import ParallelConfig
 
     ds = deepspeed_config(TrainConfig(), DataConfig(), ParallelConfig(), 2, "bfloat16")
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}

@@ -12,11 +12,11 @@ import pytest
 import torch.distributed as dist
 from dist_utils import free_port
 from modalmoe.launch.cli import main
-from modalmoe.models.presets import preset_path
+from modalmoe.launch.presets import preset_path
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.data import make_demo
-from modalmoe.runtime.job_config import load_job_config
-from modalmoe.runtime.trainer import Trainer
+from modalmoe.train.job_config import load_job_config
+from modalmoe.train.trainer import Trainer
 
 TINY = [
     "model.hidden_size=32", "model.num_heads=2", "model.num_layers=2", "model.ffn_hidden_size=64",

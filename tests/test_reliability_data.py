@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from dist_utils import run_distributed
-from parity_utils import MODEL, FixedBatches, data_overrides, global_batches
-from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
-
 from modalmoe.launch.cli import main
 from modalmoe.runtime.data import make_demo
 from modalmoe.runtime.faults import EXIT_BAD_DATA
+from parity_utils import MODEL, FixedBatches, data_overrides, global_batches
+from shard_utils import good_samples, image_bytes, write_broken_shards, write_tar
 
 TINY = [
     "model.hidden_size=32", "model.num_heads=2", "model.num_layers=2", "model.ffn_hidden_size=64",
@@ -86,8 +85,8 @@ class BadCountingBatches(FixedBatches):
 
 
 def _train_counting(rank: int, world: int, overrides: list[str], run_dir: str) -> dict | None:
-    from modalmoe.runtime.job_config import load_job_config
-    from modalmoe.runtime.trainer import Trainer
+    from modalmoe.train.job_config import load_job_config
+    from modalmoe.train.trainer import Trainer
 
     cfg = load_job_config(None, MODEL + overrides + [f"train.run_dir={run_dir}", "train.steps=6", "train.log_every=3"])
     Trainer(cfg.validate(), train_data=BadCountingBatches(rank, world)).fit()

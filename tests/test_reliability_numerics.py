@@ -17,9 +17,9 @@ from modalmoe.models.transformer import MultimodalTransformer
 from modalmoe.runtime.checkpoint import CheckpointManager
 from modalmoe.runtime.data import make_demo
 from modalmoe.runtime.faults import EXIT_NONFINITE, NonFiniteError
-from modalmoe.runtime.job_config import load_job_config
 from modalmoe.runtime.moe.router import Router
-from modalmoe.runtime.trainer import Trainer
+from modalmoe.train.job_config import load_job_config
+from modalmoe.train.trainer import Trainer
 from parity_utils import MODEL, FixedBatches, data_overrides, global_batches
 
 NAN = float("nan")

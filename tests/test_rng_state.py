@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import torch
-
 from modalmoe.runtime import checkpoint
 from modalmoe.runtime.checkpoint import rng_state, set_rng_state
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from modalmoe.runtime.moe.stats import specialisation_index as trainer_specialisation
-from modalmoe.runtime.study import metrics as sm
+from modalmoe.study import metrics as sm
 
 # ---- specialisation index -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from modalmoe.launch.cli import main
 from modalmoe.runtime.config import ConfigError
-from modalmoe.runtime.study import StudyRunner, canonical_target, load_study
+from modalmoe.study import StudyRunner, canonical_target, load_study
 
 TINY_STUDY = {
     "name": "tiny",

@@ -13,10 +13,9 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import run_distributed
-from model_utils import make_batch
-from modalmoe.models import ModelConfig, MultimodalTransformer
+from modalmoe.models import ModelConfig, MultimodalTransformer, build_model
+from modalmoe.models.parallelize import check_tp_divisibility, parallelize_model
 from modalmoe.runtime.config import ConfigError
 from modalmoe.runtime.moe import MoEConfig
 from modalmoe.runtime.moe.experts import MLP
@@ -25,16 +24,15 @@ from modalmoe.runtime.tensor_parallel import (
     RowParallelLinear,
     ShardSpec,
     TensorParallelGroupedExperts,
-    check_tp_divisibility,
     copy_to_tp_region,
     gather_from_tp_region,
     gather_full_grads,
     gather_full_state_dict,
     load_full_state_dict,
-    parallelize_model,
     reduce_from_tp_region,
     tp_shard_specs,
 )
+from model_utils import make_batch
 
 torch.set_num_threads(2)
 
@@ -293,8 +291,8 @@ def _refuse_worker(rank: int, world: int) -> None:
         parallelize_model(model, group)
     assert not tp_shard_specs(model), "a refused model is left untouched"
     with pytest.raises(ConfigError, match=r"`parallel\.tp`: tp=2 must divide model\.moe\.ffn_hidden_size=15"):
-        parallelize_model(tiny_config(moe=_moe(ffn_hidden_size=15)).build(), group, expert_tp=True)
-    ok = parallelize_model(tiny_config(moe=_moe(ffn_hidden_size=15)).build(), group, expert_tp=False)
+        parallelize_model(build_model(tiny_config(moe=_moe(ffn_hidden_size=15))), group, expert_tp=True)
+    ok = parallelize_model(build_model(tiny_config(moe=_moe(ffn_hidden_size=15))), group, expert_tp=False)
     with pytest.raises(ValueError, match="already tensor-parallel"):
         parallelize_model(ok, group)
 

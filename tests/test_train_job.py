@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from modalmoe.launch.cli import main
 
 TINY = [

@@ -21,12 +21,11 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
 from modalmoe import ops
 from modalmoe.runtime.moe import MoEConfig, MoELayer
 from modalmoe.runtime.moe.experts import GroupedExperts
 from timing import cuda_kernels_registered, device_from_arg, median_ms, write_figures
+from torch import nn
 
 
 def _mlp(H: int, F: int) -> nn.Module:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from modalmoe import ops
 from timing import cuda_kernels_registered, device_from_arg, median_ms, write_figures
 

@@ -17,7 +17,6 @@ import traceback
 from collections.abc import Callable
 
 import torch
-
 from modalmoe import ops
 from timing import cuda_kernels_registered, device_from_arg, write_figures
 

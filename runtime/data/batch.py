@@ -14,10 +14,11 @@ import torch
 
 from .decode import Sample
 
+from ..modality import IMAGE as MODALITY_IMAGE
+from ..modality import TEXT as MODALITY_TEXT
+
 __all__ = ["MODALITY_IMAGE", "MODALITY_TEXT", "Batch", "collate"]
 
-MODALITY_IMAGE = 0
-MODALITY_TEXT = 1
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .losses import router_losses
 from .router import build_router
 from .stats import RoutingStats, RoutingSums, count_groups
 
-__all__ = ["MoELayer", "MoEAux", "compute_dtype"]
+__all__ = ["MoELayer", "MoEAux", "compute_dtype", "moe_layers"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -97,3 +97,7 @@ class MoELayer(nn.Module):
             self.router.update_bias(batch_sums.load_ME.sum(0))
         stats = RoutingStats.from_sums(sums, kept_ME, terms)
         return y_TH.view(x.shape), MoEAux(loss=aux_loss, stats=stats)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]

@@ -1,10 +1,10 @@
-"""Tensor parallelism (Megatron style): sharded linears, their collectives, expert TP, model rewrite,
-and the conversion between sharded and full state. The TP process group is always passed in."""
+"""Tensor parallelism (Megatron style): sharded linears, their collectives, expert TP and the
+conversion between sharded and full state. The TP process group is always passed in; the rewrite of
+a particular model into these layers lives with the model (``models/parallelize.py``)."""
 
 from .collectives import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
 from .experts import TensorParallelGroupedExperts
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .parallelize import REPLICATED, check_tp_divisibility, parallelize_model
 from .sharding import ShardSpec, TPSharded
 from .state_dict import (
     gather_full_grads,
@@ -21,9 +21,6 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "TensorParallelGroupedExperts",
-    "parallelize_model",
-    "check_tp_divisibility",
-    "REPLICATED",
     "ShardSpec",
     "TPSharded",
     "tp_shard_specs",

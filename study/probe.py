@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointManager
-from ..data import DataConfig, build_loader
-from ..job_config import JobConfig, load_job_config
+from ..models.transformer import build_model
+from ..runtime.checkpoint import CheckpointManager
+from ..runtime.data import DataConfig, build_loader
+from ..runtime.modality import MODALITY_NAMES
+from ..train.job_config import JobConfig, load_job_config
 from . import metrics as sm
 
 __all__ = ["ProbeBatches", "LayerProbe", "load_probe_batches", "list_checkpoints", "load_model", "probe_model", "summarise_layer"]
@@ -65,7 +67,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def load_model(run_dir: Path, checkpoint: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, JobConfig]:
     """The run's model (from its saved ``config.yaml``) with a checkpoint's weights, in eval mode."""
     cfg = load_job_config(Path(run_dir) / "config.yaml")
-    model = cfg.model.build()
+    model = build_model(cfg.model)
     states, _ = CheckpointManager.load(checkpoint, map_location="cpu", stems=["rank00000"])
     model.load_state_dict(states["rank00000"]["model"])
     return model.to(device).eval(), cfg
@@ -94,7 +96,7 @@ def probe_model(model: torch.nn.Module, probe: ProbeBatches, *, cka_tokens: int 
     finally:
         for h in hooks:
             h.remove()
-    names = modality_names or ["image", "text"]
+    names = modality_names or list(MODALITY_NAMES)
     out = []
     for i, moe in layers:
         x_NH = torch.cat([x for x, _ in inputs[i]])

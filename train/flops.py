@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.config import NUM_MODALITIES, ModelConfig
+from ..models.config import ModelConfig
+from ..runtime.modality import NUM_MODALITIES
 
 __all__ = ["TrainFlops", "PEAK_TFLOPS", "lookup_peak_tflops", "peak_tflops", "throughput_metrics"]
 

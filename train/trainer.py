@@ -16,35 +16,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..models.config import IMAGE, TEXT
+from ..models.parallelize import check_tp_divisibility, parallelize
 from ..models.params import count_parameters
-from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from .config import ConfigError
-from .cpu_affinity import bind_local_rank, idle_io_threads
-from .cpu_memory import keep_freed_memory
-from .consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
-from .data import Tokenizer, build_loader, check_vocab_size
-from .data.counts import BAD_REASONS
-from .distributed import init_from_env, polled, set_busy_wait
-from .engine import DeepSpeedEngine, TorchEngine
+from ..models.transformer import build_model
+from ..runtime.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ..runtime.config import ConfigError
+from ..runtime.consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
+from ..runtime.cpu_affinity import bind_local_rank, idle_io_threads
+from ..runtime.cpu_memory import keep_freed_memory
+from ..runtime.data import Tokenizer, build_loader, check_vocab_size
+from ..runtime.data.counts import BAD_REASONS
+from ..runtime.distributed import init_from_env, polled, set_busy_wait
+from ..runtime.engine import DeepSpeedEngine, TorchEngine
+from ..runtime.faults import NonFiniteError, NonFiniteTracker, PeerLostError, describe
+from ..runtime.metrics import MetricsWriter, get_logger
+from ..runtime.modality import MODALITY_NAMES
+from ..runtime.moe.stats import RoutingStats, specialisation_index
+from ..runtime.parallel_state import Layout, ParallelState
+from ..runtime.preemption import Preempted, agreed_signal
+from ..runtime.tensor_parallel import tp_shard_specs
+from ..runtime.watchdog import Watchdog, looks_distributed
 from .evaluate import evaluate
-from .faults import NonFiniteError, NonFiniteTracker, PeerLostError, describe
 from .flops import TrainFlops, peak_tflops, throughput_metrics
 from .health import CollapseMonitor
 from .job_config import JobConfig
-from .metrics import MetricsWriter, get_logger
-from .moe.stats import RoutingStats, specialisation_index
-from .parallel_state import Layout, ParallelState
-from .parallelize import parallelize
-from .preemption import Preempted, agreed_signal
 from .report import write_routing_report
-from .tensor_parallel import check_tp_divisibility, tp_shard_specs
-from .watchdog import Watchdog, looks_distributed
 
-__all__ = ["Trainer", "MODALITY_NAMES"]
+__all__ = ["Trainer"]
 
-MODALITY_NAMES = ["image", "text"]
-assert (IMAGE, TEXT) == (0, 1)
 log = get_logger("modalmoe.train")
 
 
@@ -120,7 +119,7 @@ class Trainer:
             log.info("parallel layout: %s", self.state.describe())
 
         torch.manual_seed(t.seed)
-        model = cfg.model.build()
+        model = build_model(cfg.model)
         self.total_params, self.active_params = count_parameters(model)
         self.model_flops = TrainFlops.of(cfg.model, self.active_params)
         self.peak_tflops = peak_tflops(self.device, self.dtype, t.tf32, t.peak_tflops)
@@ -165,7 +164,7 @@ class Trainer:
         if moments is not None and isinstance(getattr(opt, "state", None), dict) and self.cfg.parallel.zero_stage == 0:
             shards = {}
             for kind in ("exp_avg", "exp_avg_sq"):
-                holder = self.cfg.model.build()
+                holder = build_model(self.cfg.model)
                 with torch.no_grad():
                     for name, p in holder.named_parameters():
                         p.copy_(moments[kind][name])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from .moe.stats import RoutingStats
+from ..runtime.moe.stats import RoutingStats
 
 __all__ = ["CollapseMonitor"]
 

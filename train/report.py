@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .moe.stats import RoutingStats, specialisation_index  # noqa: E402
+from ..runtime.moe.stats import RoutingStats, specialisation_index  # noqa: E402
 
 __all__ = ["write_routing_report"]
 

@@ -17,10 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..trainer import MODALITY_NAMES
+from ..runtime.modality import MODALITY_NAMES
 from .aggregate import HEADLINE, collect
-from .runner import run_dir_name
-from .spec import StudySpec
+from .spec import StudySpec, run_dir_name
 
 __all__ = ["write_study_report", "delta"]
 
@@ -312,7 +311,7 @@ def _grid_text(spec: StudySpec, out: Path, records: list[dict]) -> list[str]:
     first = next((runs / run_dir_name(a, s) for a in spec.arms for s in spec.seeds
                   if (runs / run_dir_name(a, s) / "config.yaml").is_file()), None)
     if first is not None:
-        from ..job_config import load_job_config
+        from ..train.job_config import load_job_config
 
         cfg = load_job_config(first / "config.yaml")
     total = sum(r["wall_s"] or 0 for r in records)

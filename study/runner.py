@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import ConfigError
-from ..data import Tokenizer, build_loader, make_demo
-from ..evaluate import evaluate
-from ..job_config import JobConfig
-from ..trainer import MODALITY_NAMES, Trainer
+from ..runtime.config import ConfigError
+from ..runtime.data import Tokenizer, build_loader, make_demo
+from ..runtime.modality import MODALITY_NAMES
+from ..train.evaluate import evaluate
+from ..train.job_config import JobConfig
+from ..train.trainer import Trainer
 from . import metrics as sm
 from .probe import (
     ProbeBatches,
@@ -40,18 +41,15 @@ from .probe import (
     summarise_layer,
 )
 from .shifted_data import make_shifted_demo
-from .spec import StudySpec
+from .report import write_study_report
+from .spec import StudySpec, run_dir_name
 
-__all__ = ["RunPlan", "StudyRunner", "run_dir_name", "ANALYSIS_VERSION"]
+__all__ = ["RunPlan", "StudyRunner", "ANALYSIS_VERSION"]
 
 ANALYSIS_VERSION = 1
 # fields that may differ between invocations without changing what a run computes
 _IGNORED = {("train", "progress"), ("train", "tensorboard"), ("train", "threads"), ("train", "report"),
             ("train", "device"), ("data", "num_workers"), ("data", "prefetch_factor")}
-
-
-def run_dir_name(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
 
 
 @dataclass
@@ -129,8 +127,8 @@ class StudyRunner:
 
     def _base_config(self) -> JobConfig:
         """The first arm's config without data paths: for sizes the data sets must agree with."""
-        from ...models.presets import preset_path
-        from ..job_config import load_job_config
+        from ..launch.presets import preset_path
+        from ..train.job_config import load_job_config
         from .spec import _as_overrides
 
         base = Path(self.spec.base)
@@ -310,18 +308,16 @@ class StudyRunner:
             (self.out / "timing.json").write_text(json.dumps({"wall_s": seconds, "trained_runs": trained, "jobs": self.jobs}) + "\n")
         if not report:
             return None
-        from .report import write_study_report
-
         return write_study_report(self.spec, self.out)
 
 
 def _as_demo(paths: dict):
-    from ..data.demo import DemoData
+    from ..runtime.data.demo import DemoData
 
     return DemoData(out_dir="", train_shards=paths["train"], eval_shards=paths["eval"], tokenizer=paths["tokenizer"])
 
 
 def _spec_dict(spec: StudySpec) -> dict:
-    from ..config import to_dict
+    from ..runtime.config import to_dict
 
     return to_dict(spec)

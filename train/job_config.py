@@ -14,8 +14,8 @@ from typing import Literal
 import yaml
 
 from ..models.config import ModelConfig
-from .config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
-from .data.config import DataConfig
+from ..runtime.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from ..runtime.data.config import DataConfig
 
 __all__ = ["TrainConfig", "ParallelConfig", "JobConfig", "load_job_config"]
 

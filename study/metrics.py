@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..moe.stats import specialisation_index as moe_specialisation_index
+from ..runtime.moe.stats import specialisation_index as moe_specialisation_index
 
 __all__ = [
     "specialisation_index",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
-from ..job_config import JobConfig, load_job_config
+from ..runtime.config import ConfigError, apply_overrides, check, from_dict, load_yaml
+from ..train.job_config import JobConfig, load_job_config
 from .shifted_data import ShiftSpec
 
 __all__ = [
@@ -31,9 +31,15 @@ __all__ = [
     "list_studies",
     "load_study",
     "split_overrides",
+    "run_dir_name",
 ]
 
 STUDY_DIR = Path(__file__).resolve().parent.parent.parent / "launch" / "studies"
+
+
+def run_dir_name(arm: str, seed: int) -> str:
+    """The folder of one (arm, seed) run under ``<study>/runs/``."""
+    return f"{arm}-s{seed}"
 
 
 @dataclass
@@ -165,7 +171,7 @@ class StudySpec:
 
     def job_config(self, arm: str, seed: int, run_dir: Path, data_paths: dict[str, dict], target: list[list[float]] | None) -> JobConfig:
         """The ordinary training config of one (arm, seed) run, validated."""
-        from ...models.presets import preset_path
+        from ..launch.presets import preset_path
 
         base = Path(self.base)
         path = base if base.suffix in (".yaml", ".yml") else preset_path(self.base)

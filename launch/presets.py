@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models.config import ModelConfig
 from ..runtime.config import ConfigError, from_dict, load_yaml
-from .config import ModelConfig
 
 __all__ = ["CONFIG_DIR", "preset_path", "list_presets", "load_model_config"]
 

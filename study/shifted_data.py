@@ -21,8 +21,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ..config import check
-from ..data.demo import DemoData, Scene, render_scene, sample_scene
+from ..runtime.config import check
+from ..runtime.data.demo import DemoData, Scene, render_scene, sample_scene
 
 __all__ = ["ShiftSpec", "make_shifted_demo", "CONVERSE"]
 

@@ -1,6 +1,10 @@
-"""Rewrite a built ``MultimodalTransformer`` in place for tensor parallelism, following its ``tp_plan()``.
+"""Shard a built ``MultimodalTransformer`` for this rank's layout: the TP rewrite, then EP, then
+the parameter marks DeepSpeed reads.
 
-What is sharded over the TP group:
+Building the whole model with one seed everywhere and then slicing it gives every layout the same
+initial weights as the single-process run, which is what the parity tests compare against.
+
+Tensor parallelism follows the model's ``tp_plan()``. What is sharded over the TP group:
 - attention: q/k/v column-parallel (whole heads per rank: each rank runs num_heads/W of them),
   output projection row-parallel; q, k and v enter the TP region once, together;
 - dense FFN: ``up`` column-parallel (``colwise_gated``: gate and up halves split separately),
@@ -20,22 +24,26 @@ weights) and must keep drawing the same random numbers (dropout, noisy routing) 
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from ...models.attention import Attention
-from ...models.config import ModelConfig
-from ...models.transformer import MultimodalTransformer, TPStyle
-from ..config import check
-from ..moe.experts import MLP
-from ..moe.layer import MoELayer
-from .collectives import copy_to_tp_region
-from .experts import TensorParallelGroupedExperts
-from .layers import ColumnParallelLinear, RowParallelLinear
-from .sharding import TPSharded
+from ..runtime.config import check
+from ..runtime.moe.ep_dispatch import AllToAllDispatcher
+from ..runtime.moe.experts import MLP
+from ..runtime.moe.layer import MoELayer, moe_layers
+from ..runtime.parallel_state import ParallelState, expert_group_name, mark_expert_params
+from ..runtime.tensor_parallel.collectives import copy_to_tp_region
+from ..runtime.tensor_parallel.experts import TensorParallelGroupedExperts
+from ..runtime.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from ..runtime.tensor_parallel.sharding import TPSharded
+from ..runtime.tensor_parallel.state_dict import tp_shard_specs
+from .attention import Attention
+from .config import ModelConfig
+from .transformer import MultimodalTransformer, TPStyle
 
-__all__ = ["parallelize_model", "check_tp_divisibility", "REPLICATED"]
+__all__ = ["parallelize", "parallelize_model", "check_tp_divisibility", "REPLICATED"]
 
 REPLICATED = frozenset({"embed.tokens", "lm_head"})  # in tp_plan(), but kept whole on purpose
 
@@ -139,4 +147,31 @@ def parallelize_model(model: MultimodalTransformer, tp_group: ProcessGroup, expe
         _localize_attention(block.attn, tp_group, tp)
         if block.is_moe and expert_tp:
             _shard_moe(block.ffn, tp_group)
+    return model
+
+
+@torch.no_grad()
+def parallelize(model: nn.Module, state: ParallelState, expert_tp: bool = False) -> nn.Module:
+    """Shard ``model`` in place for ``state``'s layout and tag parameters for DeepSpeed:
+    expert weights get ``allreduce=False`` + ``group_name`` (reduced over EDP), TP shards get
+    ``tensor_model_parallel=True`` (counted on every TP rank by DeepSpeed's norm)."""
+    tp, ep, dp = state.size("tp"), state.size("ep"), state.size("dp")
+    if tp > 1:
+        parallelize_model(model, state.tp_group, expert_tp=expert_tp)
+        for name, p in model.named_parameters():
+            if name in tp_shard_specs(model):
+                p.tensor_model_parallel = True
+    ep_rank = state.rank_in("ep")
+    for layer in moe_layers(model):
+        if ep > 1:
+            layer.dispatcher = AllToAllDispatcher(layer.cfg.num_experts, state.ep_group)
+            L = layer.cfg.num_experts // ep
+            for name, p in list(layer.experts.named_parameters(recurse=False)):
+                local = nn.Parameter(p.data[ep_rank * L : (ep_rank + 1) * L].clone(), requires_grad=p.requires_grad)
+                for attr in ("tensor_model_parallel",):
+                    if hasattr(p, attr):
+                        setattr(local, attr, getattr(p, attr))
+                setattr(layer.experts, name, local)
+        layer.stats_group = state.dp_group if dp > 1 else None
+        mark_expert_params(layer.experts, expert_group_name(state))
     return model

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..trainer import MODALITY_NAMES
+from ..runtime.modality import MODALITY_NAMES
 from . import metrics as sm
-from .runner import run_dir_name
-from .spec import StudySpec
+from .spec import StudySpec, run_dir_name
 
 __all__ = ["collect", "mean_std", "HEADLINE"]
 
