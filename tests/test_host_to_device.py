@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modalmoe.runtime import trainer
 from modalmoe.runtime.data import Batch, DataConfig, build_loader, make_demo
+from modalmoe.train import trainer
 from test_train_job import _train, demo_dir  # noqa: F401  (demo_dir is a fixture)
 from torch.overrides import TorchFunctionMode
 

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from modalmoe.launch.presets import list_presets, load_model_config, preset_path
 from modalmoe.models import (
     IMAGE,
     TEXT,
@@ -19,10 +20,7 @@ from modalmoe.models import (
     MultimodalTransformer,
     build_model,
     count_parameters,
-    list_presets,
-    load_model_config,
     normalize_over_images,
-    preset_path,
     recall_at_k,
 )
 from modalmoe.models.masks import prefix_lm_mask
