@@ -35,6 +35,7 @@ PACKAGE_DIRS = {
     "modalmoe.runtime.moe": "runtime/moe",
     "modalmoe.runtime.data": "runtime/data",
     "modalmoe.runtime.tensor_parallel": "runtime/tensor_parallel",
+    "modalmoe.ops": "ops",
     "modalmoe.models": "models",
     "modalmoe.train": "train",
     "modalmoe.study": "study",

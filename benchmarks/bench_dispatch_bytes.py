@@ -30,8 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from modalmoe.runtime.moe import MoEConfig
-from modalmoe.runtime.moe.ep_dispatch import expert_parallel_layer
+from modalmoe.runtime.moe import MoEConfig, MoELayer
 from modalmoe.runtime.parallel_state import Layout, ParallelState
 
 DS_MIN_CAPACITY = 4
@@ -45,7 +44,8 @@ def _rank_main(rank: int, a: argparse.Namespace, init_file: str, router: str, ou
     cfg = MoEConfig(hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_experts=a.experts, top_k=a.top_k,
                     router=router)
     torch.manual_seed(0)  # same router on every rank
-    layer = expert_parallel_layer(cfg, state.ep_group, stats_group=state.dp_group)
+    layer = MoELayer(cfg, stats_group=state.dp_group)
+    layer.apply_ep(state.ep_group)
     g = torch.Generator().manual_seed(1 + rank)  # different tokens per rank
     x = torch.randn(a.tokens, a.hidden, generator=g, requires_grad=True)
     modality = torch.randint(0, 2, (a.tokens,), generator=g)

@@ -67,8 +67,8 @@ def bench_case(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int) -> 
     timings = {
         "clone [T*k, H]": lambda: rows_RH.clone(),
         "permute (one op: plan + rows)": lambda: ops.permute(x_TH, topk_idx_Tk, E),
-        "  build_plan only": lambda: torch.ops.modalmoe.build_plan(topk_idx_Tk, E, 1, -1),
-        "  gather only (as in the plain path)": lambda: torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None),
+        "  build_plan only": lambda: ops.build_plan(topk_idx_Tk, E),
+        "  gather only (as in the plain path)": lambda: ops.gather_rows(x_TH, plan.src_slot, plan.row_of),
         "unpermute (weighted)": lambda: ops.unpermute(x_perm_RH, plan, topk_w_Tk),
         "ref permute (argsort plan + index_select)": lambda: ops.permute_reference(x_TH, topk_idx_Tk, E),
         "ref gather only (index_select)": lambda: x_TH.index_select(0, src_tok_R),

@@ -70,7 +70,7 @@ if [[ "$MODE" == gpu ]]; then
   SMOKE_STEPS=50
   SMOKE_SET="train.device=cuda train.dtype=bfloat16 train.log_every=10 train.eval_batches=2 train.retrieval_size=20
     model.hidden_size=768 model.num_layers=6 model.num_heads=12 model.moe.ffn_hidden_size=1536 model.moe.num_experts=8
-    model.image_size=64 data.image_size=64 data.batch_size=128 data.num_workers=6 ${GC_SMOKE_SET:-}"
+    model.image_size=64 data.batch_size=128 data.num_workers=6 ${GC_SMOKE_SET:-}"
   TEST_FILES="${GC_TEST_FILES:-tests/test_ops.py tests/test_moe_layer.py tests/test_moe_router.py tests/test_moe_losses.py}"
 else
   BUDGET="${BUDGET:-240}"

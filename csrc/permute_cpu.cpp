@@ -36,7 +36,7 @@ constexpr int64_t kCacheLine = 64;
 
 // When the bytes an op reads and writes together reach the last-level cache size, its output will not
 // stay cached for the consumer: store it non-temporally, which also saves the read-for-ownership of
-// every destination line. Below that, plain stores (streaming measured ~1.6x slower there).
+// every destination line. Below that, plain stores (streaming is slower there: docs/benchmarks.md).
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     // sysfs gives the cache this CPU shares; sysconf can report the whole package's L3.
@@ -131,8 +131,8 @@ struct NoRows {
 
 // When the output is streamed (see can_stream), the counting sort's scatter pass copies each kept
 // slot's token row to its row of the output: x is read once in token order and the plan is never
-// re-read. Smaller outputs are gathered after the plan instead: in cache, scattered plain stores
-// measured ~2x slower than a sequential gather.
+// re-read. Smaller outputs are gathered after the plan instead: in cache, scattered plain stores are
+// slower than a sequential gather (docs/benchmarks.md).
 template <typename scalar_t>
 struct CopyRows {
   const scalar_t* x_TH;

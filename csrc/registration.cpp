@@ -28,7 +28,7 @@ extern "C" PyObject* PyInit__C() {
 #endif
 
 TORCH_LIBRARY(modalmoe, m) {
-  m.set_python_module("modalmoe.ops");
+  m.set_python_module("modalmoe.ops.registration");
   m.def(
       "build_plan(Tensor topk_idx, int num_experts, int pad_multiple, int capacity) -> "
       "(Tensor counts, Tensor padded_counts, Tensor offsets, Tensor row_of, Tensor src_slot, "

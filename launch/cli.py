@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -91,8 +90,9 @@ def _resolve_config_path(args) -> Path:
     return preset_path(args.preset)
 
 
-def build_job_config(args, *, check_paths: bool = True):
-    """Config file + overrides (+ the demo data when no shards are named) → a validated JobConfig."""
+def build_job_config(args):
+    """Config file + overrides (+ the demo data when no shards are named) → a JobConfig, not yet
+    validated: the Trainer validates it, once."""
     from ..runtime.metrics import get_logger
     from ..train.job_config import load_job_config
 
@@ -115,7 +115,7 @@ def build_job_config(args, *, check_paths: bool = True):
         cfg.data.train_shards = paths["train"]
         cfg.data.eval_shards = cfg.data.eval_shards or paths["eval"]
         cfg.data.tokenizer = cfg.data.tokenizer or paths["tokenizer"]
-    return cfg.validate(check_paths=check_paths)
+    return cfg
 
 
 def _train(args) -> int:
@@ -123,21 +123,22 @@ def _train(args) -> int:
     from .environment import setup_environment
 
     log = get_logger("modalmoe.launch")
-    log.info(setup_environment(args.local_rank).describe())
+    launch = setup_environment(args.local_rank)
+    log.info(launch.describe())
     cfg = build_job_config(args)
     if args.print_config:
-        print(cfg.to_yaml())
+        print(cfg.validate().to_yaml())
         return 0
     from ..runtime.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
     from ..train.trainer import Trainer
 
     try:
         with PreemptionHandler():
-            summary = Trainer(cfg).fit()
+            summary = Trainer(cfg, launch=launch).fit()
     except Preempted as e:
         log.warning("%s", e)
         return PREEMPTED_EXIT_CODE
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch.is_main:
         print(json.dumps(summary["eval"], indent=1))
     return 0
 

@@ -7,6 +7,7 @@ Every launcher describes a job differently: the deepspeed launcher and torchrun 
 it is, fills in the torch.distributed variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and returns a :class:`LaunchInfo` whose
 ``describe()`` is the first line ``modalmoe train`` logs, so a job's log says how it was started.
+The CLI passes that :class:`LaunchInfo` (defined in ``runtime.launch_info``) on to the trainer.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 
 from ..runtime.config import ConfigError
+from ..runtime.launch_info import LaunchInfo
 
 __all__ = ["LaunchError", "LaunchInfo", "detect", "free_port", "setup_environment", "slurm_first_host", "slurm_port"]
 
@@ -28,38 +29,6 @@ _TORCH_VARS = ("RANK", "WORLD_SIZE")
 
 class LaunchError(ConfigError):
     """The launcher's environment is incomplete or contradictory; the message says how to fix it."""
-
-
-@dataclass
-class LaunchInfo:
-    launcher: str  # deepspeed | torchrun | slurm | mpirun | single
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str | None
-    master_port: int | None
-    detail: str = ""  # launcher-specific: job id, node count
-
-    def describe(self) -> str:
-        if self.launcher == "single":
-            return "launched as a single process (no launcher variables found)"
-        where = f"rank {self.rank} of {self.world_size}, local rank {self.local_rank}"
-        return f"launched by {self.launcher}: {self.detail}; {where}, rendezvous {self.master_addr}:{self.master_port}"
-
-    def export(self, env: MutableMapping[str, str]) -> None:
-        """Write the torch.distributed variables (nothing for a single process: its defaults hold,
-        and a later detection in the same process must not mistake them for a launcher's)."""
-        if self.launcher == "single":
-            return
-        env["RANK"] = str(self.rank)
-        env["WORLD_SIZE"] = str(self.world_size)
-        env["LOCAL_RANK"] = str(self.local_rank)
-        env["LOCAL_WORLD_SIZE"] = str(self.local_world_size)
-        if self.master_addr is not None:
-            env["MASTER_ADDR"] = self.master_addr
-        if self.master_port is not None:
-            env["MASTER_PORT"] = str(self.master_port)
 
 
 def _int(env: Mapping[str, str], name: str, launcher: str) -> int:
@@ -96,6 +65,7 @@ def _from_torch_vars(env: Mapping[str, str], local_rank_arg: int | None) -> Laun
     return LaunchInfo(
         launcher, rank, world, local, local_world, env.get("MASTER_ADDR") or None,
         int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None, f"{world} processes on {nodes} node(s)",
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 

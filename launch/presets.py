@@ -24,9 +24,9 @@ def preset_path(name: str) -> Path:
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """The validated ``model:`` section of a preset name (``"smoke"``) or a YAML file path."""
+    """The ``model:`` section of a preset name (``"smoke"``) or a YAML file path (not yet validated)."""
     path = Path(name_or_path)
     data = load_yaml(path if path.suffix in (".yaml", ".yml") else preset_path(str(name_or_path)))
     if "model" not in data:
         raise ConfigError(f"config {str(path)!r} has no top-level `model:` section")
-    return from_dict(ModelConfig, data["model"], "model").validate()
+    return from_dict(ModelConfig, data["model"], "model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,7 +11,6 @@ from ..runtime.modality import NUM_MODALITIES
 from ..runtime.moe.config import MoEConfig
 
 __all__ = ["ModelConfig"]
-
 
 
 @dataclass
@@ -39,6 +39,12 @@ class ModelConfig:
     # dropout is 0, else SDPA with a dense mask; flex has no attention dropout nor a CPU backward
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        # the MoE layers work on the model's hidden states: moe.hidden_size 0 (the default) is filled
+        # in here, once, so that validate() only checks
+        if self.moe.hidden_size == 0:
+            self.moe = dataclasses.replace(self.moe, hidden_size=self.hidden_size)
 
     @property
     def head_dim(self) -> int:
@@ -102,8 +108,6 @@ class ModelConfig:
             check(_has_flex(), f"{p}.attention",
                   "flex needs torch.nn.attention.flex_attention (torch >= 2.5); use sdpa or auto")
         if self.moe_layers:
-            if self.moe.hidden_size == 0:
-                self.moe.hidden_size = self.hidden_size
             check(
                 self.moe.hidden_size == self.hidden_size,
                 f"{p}.moe.hidden_size",
@@ -118,7 +122,6 @@ class ModelConfig:
             )
             self.moe.validate(f"{p}.moe")
         return self
-
 
 
 def _has_flex() -> bool:

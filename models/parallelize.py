@@ -1,5 +1,6 @@
-"""Shard a built ``MultimodalTransformer`` for this rank's layout: the TP rewrite, then EP, then
-the parameter marks DeepSpeed reads.
+"""Shard a built ``MultimodalTransformer`` for this rank's layout: the TP rewrite, then EP (each MoE
+layer's own :meth:`~modalmoe.runtime.moe.layer.MoELayer.apply_ep`), then the parameter marks
+DeepSpeed reads.
 
 Building the whole model with one seed everywhere and then slicing it gives every layout the same
 initial weights as the single-process run, which is what the parity tests compare against.
@@ -30,10 +31,10 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from ..runtime.config import check
-from ..runtime.moe.ep_dispatch import AllToAllDispatcher
+from ..runtime.deepspeed_groups import expert_group_name, mark_expert_params
 from ..runtime.moe.experts import MLP
 from ..runtime.moe.layer import MoELayer, moe_layers
-from ..runtime.parallel_state import ParallelState, expert_group_name, mark_expert_params
+from ..runtime.parallel_state import ParallelState
 from ..runtime.tensor_parallel.collectives import copy_to_tp_region
 from ..runtime.tensor_parallel.experts import TensorParallelGroupedExperts
 from ..runtime.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -52,31 +53,38 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _require_divides(tp: int, n: int, field: str, why: str) -> None:
-    check(
-        n % tp == 0,
-        "parallel.tp",
-        f"tp={tp} must divide {field}={n} ({why}); set parallel.tp to one of {_divisors(n)} "
-        f"or change {field} to a multiple of {tp}",
-    )
+def _require_divides(tp: int, n: int, field: str, why: str, world_size: int | None) -> None:
+    msg = (f"tp={tp} must divide {field}={n} ({why}); set parallel.tp to one of {_divisors(n)} "
+           f"or change {field} to a multiple of {tp}")
+    if world_size is not None:
+        fits = [d for d in _divisors(n) if world_size % d == 0]
+        msg += f"; on {world_size} ranks: use a multiple of {tp} for `{field}` or tp in {fits}"
+    check(n % tp == 0, "parallel.tp", msg)
 
 
-def check_tp_divisibility(cfg: ModelConfig, tp: int, expert_tp: bool) -> None:
-    """Raise ConfigError (field ``parallel.tp``) unless every dimension split over TP divides evenly."""
+def check_tp_divisibility(cfg: ModelConfig, tp: int, expert_tp: bool, world_size: int | None = None) -> None:
+    """Raise ConfigError (field ``parallel.tp``) unless every dimension split over TP divides evenly:
+    the one check of what TP splits, run by the trainer before any process group exists (with the
+    launched ``world_size``, to suggest tp values that fit it too) and by :func:`parallelize_model`.
+    ``model.ffn_hidden_size`` is checked even when every layer is MoE, so switching layers to dense
+    never turns a valid layout invalid."""
     check(tp >= 1, "parallel.tp", f"must be >= 1, got {tp}")
-    _require_divides(tp, cfg.hidden_size, "model.hidden_size", "q/k/v outputs and wo inputs are split over TP ranks")
-    _require_divides(tp, cfg.num_heads, "model.num_heads", "attention heads are split over TP ranks")
-    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
-        _require_divides(tp, cfg.ffn_hidden_size, "model.ffn_hidden_size", "the dense FFN is split over TP ranks")
+
+    def require(n: int, field: str, why: str) -> None:
+        _require_divides(tp, n, field, why, world_size)
+
+    require(cfg.hidden_size, "model.hidden_size", "q/k/v outputs and wo inputs are split over TP ranks")
+    require(cfg.num_heads, "model.num_heads", "attention heads are split over TP ranks")
+    require(cfg.ffn_hidden_size, "model.ffn_hidden_size", "the dense FFN is split over TP ranks")
     if expert_tp and cfg.moe_layers:
         moe = cfg.moe
-        _require_divides(tp, moe.ffn_hidden_size, "model.moe.ffn_hidden_size",
-                         "expert tensor parallelism splits every expert's FFN over TP ranks")
+        require(moe.ffn_hidden_size, "model.moe.ffn_hidden_size",
+                "expert tensor parallelism splits every expert's FFN over TP ranks")
         if moe.num_shared_experts > 0:
             width = moe.num_shared_experts * (moe.shared_ffn_hidden_size or moe.ffn_hidden_size)
             field = "model.moe.shared_ffn_hidden_size" if moe.shared_ffn_hidden_size else "model.moe.ffn_hidden_size"
-            _require_divides(tp, width, f"the shared-expert width ({field} x num_shared_experts)",
-                             "expert tensor parallelism splits the shared experts too")
+            require(width, f"the shared-expert width ({field} x num_shared_experts)",
+                    "expert tensor parallelism splits the shared experts too")
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -161,17 +169,9 @@ def parallelize(model: nn.Module, state: ParallelState, expert_tp: bool = False)
         for name, p in model.named_parameters():
             if name in tp_shard_specs(model):
                 p.tensor_model_parallel = True
-    ep_rank = state.rank_in("ep")
     for layer in moe_layers(model):
         if ep > 1:
-            layer.dispatcher = AllToAllDispatcher(layer.cfg.num_experts, state.ep_group)
-            L = layer.cfg.num_experts // ep
-            for name, p in list(layer.experts.named_parameters(recurse=False)):
-                local = nn.Parameter(p.data[ep_rank * L : (ep_rank + 1) * L].clone(), requires_grad=p.requires_grad)
-                for attr in ("tensor_model_parallel",):
-                    if hasattr(p, attr):
-                        setattr(local, attr, getattr(p, attr))
-                setattr(layer.experts, name, local)
+            layer.apply_ep(state.ep_group)
         layer.stats_group = state.dp_group if dp > 1 else None
         mark_expert_params(layer.experts, expert_group_name(state))
     return model

@@ -40,10 +40,12 @@ TPStyle = Literal["colwise", "colwise_gated", "rowwise"]
 
 @dataclass
 class ModelOutput:
-    loss: Tensor  # caption + contrastive_coef · contrastive + Σ MoE aux
-    caption_loss: Tensor  # mean next-token NLL over num_text_tokens targets
+    loss: Tensor  # caption_loss + non_caption_loss: this batch's objective on its own
+    caption_loss: Tensor  # mean next-token NLL over num_text_tokens targets (logged, evaluated)
+    caption_nll_sum: Tensor  # float32 Σ next-token NLL over those targets: a trainer divides by the global count
     contrastive_loss: Tensor | None
     aux_loss: Tensor  # Σ of the MoE layers' (already weighted) aux losses, text-only pass included
+    non_caption_loss: Tensor  # contrastive_coef · contrastive + aux_loss: the batch-mean terms of loss
     num_text_tokens: Tensor  # long scalar: predicted caption targets in this batch
     moe_stats: list[Any] = field(default_factory=list)  # one per MoE layer, captioning pass only
     logits: Tensor | None = None  # [B, L, V]; logits[:, t] predicts text[:, t + 1]
@@ -75,7 +77,6 @@ class MultimodalTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D = cfg.hidden_size
         self.embed = MultimodalEmbedding(cfg)
@@ -204,10 +205,11 @@ class MultimodalTransformer(nn.Module):
         logits_BLV = self.lm_head(enc.h_BSD[:, P:])
         nll_BT, valid_BT = caption_nll(logits_BLV, text_BL, text_mask_BL)
         num_targets = valid_BT.sum()
-        caption = nll_BT.sum() / num_targets.clamp(min=1)
+        nll_sum = nll_BT.sum()
+        caption = nll_sum / num_targets.clamp(min=1)
         aux_loss = enc.aux_loss
         contrastive = None
-        loss = caption
+        non_caption = aux_loss
         if self.cfg.contrastive_coef > 0:
             image_mask_BP = _image_mask(patches_BPC, mask_BS)
             image_BD = self._pool_image(enc.h_BSD[:, :P], image_mask_BP)
@@ -215,12 +217,14 @@ class MultimodalTransformer(nn.Module):
             text_BD = self._pool_text(text_enc.h_BSD, text_mask_BL)
             contrastive = contrastive_loss(image_BD, text_BD, self.logit_scale.clamp(max=math.log(100.0)).squeeze(0))
             aux_loss = aux_loss + text_enc.aux_loss
-            loss = loss + self.cfg.contrastive_coef * contrastive
+            non_caption = self.cfg.contrastive_coef * contrastive + aux_loss
         return ModelOutput(
-            loss=loss + aux_loss,
+            loss=caption + non_caption,
             caption_loss=caption,
+            caption_nll_sum=nll_sum,
             contrastive_loss=contrastive,
             aux_loss=aux_loss,
+            non_caption_loss=non_caption,
             moe_stats=enc.stats,
             num_text_tokens=num_targets,
             logits=logits_BLV if return_logits else None,
@@ -291,4 +295,4 @@ class MultimodalTransformer(nn.Module):
 
 def build_model(cfg: ModelConfig) -> MultimodalTransformer:
     """The model a validated ``cfg`` describes, on the default device with fresh weights."""
-    return MultimodalTransformer(cfg.validate())
+    return MultimodalTransformer(cfg)

@@ -108,8 +108,9 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
+    """Plain dicts/lists of what :func:`from_dict` takes (fields with ``init=False`` are not config)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -4,18 +4,16 @@ A gloo collective is carried by three threads of the rank: the caller, a work th
 algorithm, and an I/O thread that moves the bytes. Left to the scheduler, the work and I/O threads
 of one rank often wake on the core where the peer rank is computing and wait there for a time
 slice; with every thread of a rank on the rank's own core they run as soon as the caller waits
-(which it does by polling, ``distributed.polled``). Measured on the 2-vCPU VMs here: in the EP=2
-smoke step the ranks' time waiting for each other fell from 6-11 to 4-6 ms per step, and a 2-rank
-all-to-all's mean from 0.81 to 0.42 ms. Open MPI's ``--bind-to core`` binds ranks the same way.
+(which it does by polling, ``distributed.polled``); the waits this removed are in
+docs/benchmarks.md. Open MPI's ``--bind-to core`` binds ranks the same way.
 
-Bound, one more effect shows: one to four collectives per EP=2 smoke step stall for 2-5 ms while
+Bound, one more effect shows: a few collectives per EP=2 smoke step stall for milliseconds while
 the I/O thread spins in ``epoll_wait`` (pytorch/gloo#246). What the traces fit: woken by the peer's
 bytes while the work thread holds the connection's lock (writing this rank's bytes), it cannot take
 the lock, and having just woken it preempts the lock holder on the shared core for a time slice.
 Under the SCHED_IDLE policy the I/O thread no longer preempts anything; it runs whenever the rank
 waits (the polling caller yields). :func:`idle_io_threads` sets it once every process group
-exists. Measured: those stalls fell from 1-3.5 to ~0.1 per step, the step from 96-107 ms to
-89-92 ms.
+exists (measured effect: docs/benchmarks.md).
 
 The price: an I/O thread under SCHED_IDLE gets almost no CPU while another busy process shares
 the rank's core, so jobs that share their cores with other work should set

@@ -1,8 +1,8 @@
 """CPU training: let glibc keep freed memory for the next step instead of handing it back.
 
 With glibc's defaults every buffer of 32 MiB or more is a fresh ``mmap``: each step pays a page
-fault per 4 KiB of every large activation and gradient (the E=64 layer of benchmarks/bench_moe.py
-took 401 ms instead of 290 ms here). On GPU the CUDA caching allocator avoids the same cost; on CPU
+fault per 4 KiB of every large activation and gradient (what it costs the benchmarks' MoE layer:
+docs/benchmarks.md). On GPU the CUDA caching allocator avoids the same cost; on CPU
 PyTorch's advice is a caching malloc (jemalloc/tcmalloc via LD_PRELOAD). This does the cheap
 equivalent in-process: large blocks come from the heap and stay there once freed, so the
 resident size settles at the step's peak, as it would under a caching allocator.

@@ -1,4 +1,4 @@
-"""Small torch.distributed helpers: process-group init from the launcher's env, differentiable
+"""Small torch.distributed helpers: process-group init from the launch description, differentiable
 collectives that behave the same on gloo and NCCL, and DeepSpeed's gradient-reduction rule.
 
 Legend: R rows (permuted token copies), H hidden. Every collective takes its group explicitly.
@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .launch_info import LaunchInfo
+
 __all__ = [
+    "init_process_group",
     "init_from_env",
     "polled",
     "set_busy_wait",
@@ -30,24 +33,32 @@ __all__ = [
 ]
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
-    """Join the job described by ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun,
-    deepspeed launcher); a lone process with none of them set becomes a world of one.
+def init_process_group(launch: LaunchInfo, backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the job ``launch`` describes, rendezvousing at its master address and port (default
+    127.0.0.1:29500, the torch.distributed default, when the launcher named none).
 
     Returns (rank, world_size). Does nothing but report if a group is already initialised.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    return rank, world_size
+        torch.cuda.set_device(launch.local_rank)
+    host = launch.master_addr or "127.0.0.1"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    dist.init_process_group(
+        backend, init_method=f"tcp://{host}:{launch.master_port or 29500}", rank=launch.rank,
+        world_size=launch.world_size, timeout=timedelta(seconds=timeout_s),
+    )
+    return launch.rank, launch.world_size
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """:func:`init_process_group` for the job ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+    describe (torchrun, the deepspeed launcher); a lone process with none of them set becomes a world of one."""
+    return init_process_group(LaunchInfo.from_env(), backend, timeout_s)
 
 
 _busy_wait = True
@@ -63,11 +74,9 @@ def polled(collective: Callable, *args, group=None, **kwargs) -> None:
     """Run a blocking ``torch.distributed`` collective; on gloo, wait for it by polling.
 
     A rank that sleeps in a gloo collective must be woken by its I/O thread when the peer's data
-    lands: on the 2-vCPU VMs here the rank arriving last still spent 0.5-0.9 ms in each of an EP=2
-    step's ~24 collectives (the same all-to-all alone: 0.25-0.3 ms). Polling (yielding the core
+    lands, which costs the rank arriving last a wake-up per collective. Polling (yielding the core
     between polls, so the I/O thread runs at once) keeps the core awake, as MPI libraries do by
-    default: in six alternating A/B pairs the
-    EP=2 smoke step (16 samples/rank) took 62-68 ms polled, 69-75 ms blocking. NCCL and
+    default; what it saved on the EP=2 step is in docs/benchmarks.md. NCCL and
     ``set_busy_wait(False)`` keep the plain blocking call; the trainer turns polling off when the
     local ranks' threads outnumber the cores (a polling rank would then take a computing rank's).
     """

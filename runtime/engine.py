@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .deepspeed_groups import DeepSpeedMPU, deepspeed_moe_marker, expert_group_name, register_with_deepspeed
 from .distributed import is_expert_param, polled
 from .faults import weights_only_safe
 from .metrics import get_logger
 from .moe.layer import moe_layers
-from .optim import build_adamw, lr_lambda, param_groups
-from .parallel_state import ParallelState, deepspeed_moe_marker, expert_group_name, register_with_deepspeed
+from .optim import build_optimizer
+from .parallel_state import ParallelState
 
 __all__ = ["TorchEngine", "DeepSpeedEngine", "global_grad_norm", "deepspeed_config"]
 
@@ -109,8 +110,7 @@ class TorchEngine(_Schedule):
         self.module = model
         self.state = state
         self.grad_clip = t.grad_clip
-        self.optimizer = build_adamw(param_groups(model, t.weight_decay), t, _param_device(model))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.optimizer, self.scheduler = build_optimizer(model, t)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,7 +156,6 @@ class DeepSpeedEngine(_Schedule):
 
     def __init__(self, model: nn.Module, train_cfg, data_cfg, parallel_cfg, state: ParallelState):
         import deepspeed
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         t = train_cfg
         self.state = state
@@ -167,15 +166,14 @@ class DeepSpeedEngine(_Schedule):
         register_with_deepspeed(state)
         if layers:
             model.ds_moe_marker = deepspeed_moe_marker(layers[0].cfg.num_experts, state.size("ep"), expert_group_name(state))
-        groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, t.weight_decay))
-        optimizer = build_adamw(groups, t, _param_device(model))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+        # the client optimizer, built as TorchEngine builds it; ZeRO 1/2 wrap it in DeepSpeed's partitioned optimizer
+        optimizer, scheduler = build_optimizer(model, t)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(t, data_cfg, parallel_cfg, state.size("dp"), t.resolved_dtype(_param_device(model).type)),
-            mpu=state.mpu,
+            mpu=DeepSpeedMPU(state),
             dist_init_required=False,
         )
         self.module = self.engine.module

@@ -1,35 +1,73 @@
-"""The optimizer, its parameter groups and the learning-rate schedule, shared by both engines."""
+"""The optimizer, its parameter groups and the learning-rate schedule: one builder for both engines,
+so the plain PyTorch engine and DeepSpeed step with the same groups and hyperparameters."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "lr_lambda", "build_adamw"]
+from .distributed import is_expert_param
+
+__all__ = ["build_optimizer", "param_groups", "lr_lambda"]
+
+# DeepSpeed's own MoE group splitter caps each expert group at this many elements; we keep its cap
+MAX_EXPERT_GROUP_NUMEL = 178956971
 
 
-def build_adamw(groups: list[dict], train_cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over float32 parameters (the master weights under bf16 autocast). On CUDA the fused
-    kernel (one launch for all parameters); elsewhere the multi-tensor ``foreach`` one."""
+def build_optimizer(model: nn.Module, train_cfg) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` with the warmup/cosine schedule of :func:`lr_lambda`.
+
+    AdamW runs over float32 parameters (the master weights under bf16 autocast): on CUDA the fused
+    kernel (one launch for all parameters), elsewhere the multi-tensor ``foreach`` one. DeepSpeed
+    takes this optimizer as the client optimizer and, under ZeRO 1/2, wraps it."""
     t = train_cfg
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=fused or None,
-                             foreach=None if fused else True)
+    fused = next(model.parameters()).device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8,
+                                  fused=fused or None, foreach=None if fused else True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    return optimizer, scheduler
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases, embeddings' modality/position tables and gates' biases alone."""
+    """Decay matrices; leave norms, biases, embeddings' modality/position tables and gates' biases alone.
+
+    Expert parameters (``allreduce = False``, set by expert parallelism) go into groups of their
+    own, one per expert-data-parallel group and decay setting, named after that group and marked
+    ``moe``: DeepSpeed's ZeRO reduces and partitions such a group over that group's ranks. In one
+    process there are none, and the two plain groups are all there is."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [
+    plain = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    groups, experts = [], []
+    for g in plain:
+        by_group: dict[str, list[nn.Parameter]] = defaultdict(list)
+        for p in g["params"]:
+            if is_expert_param(p):
+                by_group[p.group_name].append(p)
+        groups.append({**g, "params": [p for p in g["params"] if not is_expert_param(p)]})
+        for group_name, params in by_group.items():
+            experts += [{**g, "name": group_name, "moe": True, "params": chunk} for chunk in _chunks(params)]
+    return groups + experts
+
+
+def _chunks(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    out, size = [[]], 0
+    for p in params:
+        if out[-1] and size + p.numel() > MAX_EXPERT_GROUP_NUMEL:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.numel()
+    return out
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -77,6 +77,7 @@ class Watchdog:
         grace_s: float | None = None,
         on_lost: Callable[[str], None] | None = None,
         namespace: str = "0",
+        agent_store: bool = False,
     ):
         self.rank, self.world = rank, world
         self.peer = (rank + 1) % world
@@ -87,6 +88,7 @@ class Watchdog:
         client.set_timeout(timedelta(seconds=max(5.0, 4 * self.interval_s)))
         self.store = dist.PrefixStore(f"modalmoe/watchdog/{namespace}/", client)
         self.on_lost = on_lost or _exit_process
+        self.agent_store = agent_store  # torchrun's agent hosts the store, not rank 0 (LaunchInfo.agent_store)
         self.host = socket.gethostname()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -101,7 +103,8 @@ class Watchdog:
 
     @classmethod
     def for_job(cls, timeout_s: float, **kw) -> Watchdog | None:
-        """A watchdog on the default process group's store, or None (one process, or ``timeout_s`` 0)."""
+        """A watchdog on the default process group's store, or None (one process, or ``timeout_s`` 0).
+        ``kw`` go to the constructor; pass ``agent_store`` from the job's LaunchInfo."""
         global _generation
         if timeout_s <= 0 or not dist.is_initialized() or dist.get_world_size() == 1:
             return None
@@ -207,7 +210,7 @@ class Watchdog:
         if now - self._store_failing_since < min(self.timeout_s, 3 * self.interval_s):
             return None
         what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if self.agent_store:
             return f"the launcher's rendezvous store is unreachable ({what}): the torchrun agent or its node is lost"
         return f"rank 0 lost: the rendezvous store it hosts is unreachable ({what})"
 

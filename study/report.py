@@ -11,31 +11,14 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ..runtime.modality import MODALITY_NAMES
 from .aggregate import HEADLINE, collect
+from .plots import arm_label, n_layers, plot_bars, plot_cka, plot_eval_curves, plot_load, plot_per_layer, plot_transfer
 from .spec import StudySpec, run_dir_name
 
 __all__ = ["write_study_report", "delta"]
-
-_DPI = 110
-_COLOURS = plt.get_cmap("tab10").colors
-
-
-def _save(fig, path: Path, **kwargs) -> None:
-    """Save as a 256-colour PNG: plots have few colours, and the file is about 3x smaller."""
-    from PIL import Image
-
-    fig.savefig(path, dpi=_DPI, **kwargs)
-    with Image.open(path) as im:
-        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    small.save(path, optimize=True)
-
 
 def _fmt(m: float, s: float | None = None, digits: int = 3) -> str:
     if m is None or not math.isfinite(m):
@@ -56,14 +39,6 @@ def delta(arms: dict, a: str, b: str, key: str) -> tuple[float, float, bool]:
     return d, se, abs(d) < 2 * se or (se == 0 and d == 0)
 
 
-def _label(spec: StudySpec, arm: str) -> str:
-    return spec.arms[arm].label or arm
-
-
-def _colour(spec: StudySpec, arm: str):
-    return _COLOURS[list(spec.arms).index(arm) % len(_COLOURS)]
-
-
 # ---- tables ---------------------------------------------------------------------------------------
 
 
@@ -72,13 +47,13 @@ def _headline_table(spec: StudySpec, arms: dict, names: list[str], columns=HEADL
     md = ["| arm | steps | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for a in names:
         if a not in arms:
-            md.append(f"| {_label(spec, a)} | – | " + " | ".join("–" for _ in cols) + " |")
+            md.append(f"| {arm_label(spec, a)} | – | " + " | ".join("–" for _ in cols) + " |")
             continue
         cells = []
         for key, _, _ in cols:
             m, s, _n = arms[a].get(key, [math.nan, math.nan, 0])
             cells.append(_fmt(m, s, 1 if key == "wall_s" else 3))
-        md.append(f"| {_label(spec, a)} | {spec.arm_steps(a)} | " + " | ".join(cells) + " |")
+        md.append(f"| {arm_label(spec, a)} | {spec.arm_steps(a)} | " + " | ".join(cells) + " |")
     return md
 
 
@@ -94,212 +69,8 @@ def _verdicts(spec: StudySpec, arms: dict, base: str, others: list[str],
             if math.isfinite(d):
                 parts.append(f"{title} {d:+.3f} (SE {se:.3f}, {'within seed noise' if noise else 'beyond 2 SE'})")
         if parts:
-            md.append(f"- {_label(spec, o)} − {_label(spec, base)}: " + "; ".join(parts))
+            md.append(f"- {arm_label(spec, o)} − {arm_label(spec, base)}: " + "; ".join(parts))
     return md
-
-
-# ---- plots ----------------------------------------------------------------------------------------
-
-
-def _band(ax, series: list[list], colour, label: str, layer: int | None = None) -> None:
-    """Mean ± std over seeds of [[step, value-or-per-layer-list], ...] curves, on common steps."""
-    by_step: dict[int, list[float]] = {}
-    for curve in series:
-        for step, v in curve:
-            val = v[layer] if layer is not None else v
-            if val is not None and math.isfinite(val):
-                by_step.setdefault(int(step), []).append(val)
-    if not by_step:
-        return
-    steps = sorted(by_step)
-    mean = np.array([np.mean(by_step[s]) for s in steps])
-    std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
-    ax.plot(steps, mean, color=colour, label=label, marker="o", markersize=3, linewidth=1.6)
-    ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
-
-
-def _curves_of(records: list[dict], arm: str, name: str) -> list[list]:
-    return [r["curves"].get(name, []) for r in records if r["arm"] == arm]
-
-
-def _plot_bars(spec: StudySpec, arms: dict, path: Path) -> None:
-    panels = [("caption_loss", "eval caption loss (nats/token)"), ("retrieval_r1", "retrieval R@1"),
-              ("spec", "specialisation index I(m;e)/H(m)"), ("cv", "load CV per modality (0 = even)"),
-              ("agreement", f"top-1 agreement with {spec.reference or 'ref.'}"), ("cka", "mean pairwise expert CKA")]
-    names = [a for a in spec.arms if a in arms]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    x = np.arange(len(names))
-    for ax, (key, title) in zip(axes.flat, panels):
-        if key == "cv":
-            for j, m in enumerate(MODALITY_NAMES):
-                vals = [arms[a].get(f"cv_{m}", [math.nan, 0, 0]) for a in names]
-                ax.bar(x + (j - 0.5) * 0.38, [v[0] for v in vals], 0.38, yerr=[v[1] for v in vals], capsize=3,
-                       label=m, color=["#4477aa", "#ee6677"][j % 2])
-            ax.legend(fontsize=8)
-        else:
-            vals = [arms[a].get(key, [math.nan, 0, 0]) for a in names]
-            ax.bar(x, [v[0] for v in vals], 0.7, yerr=[v[1] for v in vals], capsize=3,
-                   color=[_colour(spec, a) for a in names])
-            finite = [v[0] for v in vals if math.isfinite(v[0])]
-            if finite and key == "caption_loss":
-                lo = min(v[0] - v[1] for v in vals if math.isfinite(v[0]))
-                ax.set_ylim(max(0.0, lo * 0.9), max(v[0] + v[1] for v in vals if math.isfinite(v[0])) * 1.05)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks(x, [_label(spec, a) for a in names], rotation=35, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{spec.name}: mean ± std over {len(spec.seeds)} seeds", fontsize=12)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def _plot_eval_curves(spec: StudySpec, records: list[dict], path: Path, dynamics_arms: list[str]) -> None:
-    base = [a for a in spec.arms if spec.arms[a].steps_mult == 1 and spec.arm_data(a) == spec.primary_data]
-    fig, axes = plt.subplots(1, 2 if dynamics_arms else 1, figsize=(13 if dynamics_arms else 7, 4.2), squeeze=False)
-    panels = [(base, f"held-out caption loss over training ({spec.steps} steps)")]
-    if dynamics_arms:
-        panels.append((dynamics_arms, "longer training (the dynamics experiment's arms)"))
-    for ax, (names, title) in zip(axes[0], panels):
-        for a in names:
-            _band(ax, _curves_of(records, a, "eval_loss"), _colour(spec, a), _label(spec, a))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"caption loss on {spec.primary_data} (nats / token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def _n_layers(records: list[dict]) -> list[int]:
-    return records[0]["layers"] if records else []
-
-
-def _plot_per_layer(spec: StudySpec, records: list[dict], arms_shown: list[str], curve: str, ylabel: str,
-                    path: Path, hlines: dict[str, list[float]] | None = None) -> None:
-    layers = _n_layers(records)
-    fig, axes = plt.subplots(1, len(layers), figsize=(5.2 * len(layers), 4), squeeze=False)
-    for li, (ax, layer) in enumerate(zip(axes[0], layers)):
-        for a in arms_shown:
-            _band(ax, _curves_of(records, a, curve), _colour(spec, a), _label(spec, a), layer=li)
-        for text, values in (hlines or {}).items():
-            if li < len(values) and math.isfinite(values[li]):
-                ax.axhline(values[li], linestyle="--", color="grey", linewidth=1)
-                ax.text(ax.get_xlim()[0], values[li], " " + text, fontsize=7, va="bottom", color="dimgrey")
-        ax.set_title(f"MoE layer {layer}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def _sorted_experts(load_ME: np.ndarray) -> np.ndarray:
-    s = load_ME / np.maximum(load_ME.sum(1, keepdims=True), 1e-12)
-    return np.argsort(-(s[0] - s[1:].mean(0)), kind="stable")
-
-
-def _plot_load(spec: StudySpec, out: Path, arms_shown: list[str], path: Path) -> None:
-    seed, analyses = _first_seed_analyses(spec, out, arms_shown)
-    if not analyses:
-        return
-    n_layers = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
-    fig, axes = plt.subplots(len(analyses), n_layers, figsize=(4.2 * n_layers, 1.5 + 1.1 * len(analyses)), squeeze=False)
-    for r, (a, an) in enumerate(analyses.items()):
-        for c, lay in enumerate(an["probe"][spec.primary_data]["layers"]):
-            load = np.array(lay["load_ME"])
-            share = load / np.maximum(load.sum(1, keepdims=True), 1e-12)
-            order = _sorted_experts(load)
-            ax = axes[r, c]
-            im = ax.imshow(share[:, order], aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(share.max())))
-            ax.set_yticks(range(len(MODALITY_NAMES)), MODALITY_NAMES, fontsize=8)
-            ax.set_xticks(range(share.shape[1]), [str(e) for e in order], fontsize=7)
-            ax.set_title(f"{_label(spec, a)} — layer {lay['layer']} (spec. {lay['specialisation']:.2f})", fontsize=9)
-            if r == len(analyses) - 1:
-                ax.set_xlabel("expert (sorted by image lean)", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle(f"share of each modality's routed slots per expert (probe tokens, seed {seed})", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def _analysis(out: Path, arm: str, seed: int) -> dict | None:
-    p = out / "runs" / run_dir_name(arm, seed) / "analysis.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def _first_seed_analyses(spec: StudySpec, out: Path, arms_shown: list[str]) -> tuple[int, dict[str, dict]]:
-    """The first seed and the analyses its runs of ``arms_shown`` wrote (arms without one left out)."""
-    seed = spec.seeds[0]
-    analyses = {a: _analysis(out, a, seed) for a in arms_shown}
-    return seed, {a: v for a, v in analyses.items() if v is not None}
-
-
-def _plot_cka(spec: StudySpec, out: Path, arms: dict, arms_shown: list[str], path: Path, bars_path: Path) -> None:
-    """Heatmaps (rows: arms, columns: MoE layers, seed of the first run) and a bar chart of the means."""
-    seed, analyses = _first_seed_analyses(spec, out, arms_shown)
-    if not analyses:
-        return
-    n = len(next(iter(analyses.values()))["probe"][spec.primary_data]["layers"])
-    fig, axes = plt.subplots(len(analyses), n, figsize=(3.3 * n + 0.8, 3.3 * len(analyses) + 0.4), squeeze=False,
-                             layout="constrained")
-    im = None
-    for r, (a, an) in enumerate(analyses.items()):
-        for c, lay in enumerate(an["probe"][spec.primary_data]["layers"]):
-            ax = axes[r, c]
-            order = _sorted_experts(np.array(lay["load_ME"]))
-            im = ax.imshow(np.array(lay["cka"]["all"])[np.ix_(order, order)], cmap="magma", vmin=0, vmax=1)
-            ax.set_title(f"{_label(spec, a)}, layer {lay['layer']}\nmean off-diagonal {lay['cka_mean_offdiag']['all']:.2f}", fontsize=9)
-            ax.set_xticks(range(len(order)), [str(e) for e in order], fontsize=7)
-            ax.set_yticks(range(len(order)), [str(e) for e in order], fontsize=7)
-            ax.set_xlabel("expert (image-leaning first)", fontsize=8)
-            ax.set_ylabel("expert", fontsize=8)
-    fig.colorbar(im, ax=axes, fraction=0.03)
-    fig.suptitle(f"linear CKA between experts' outputs on the same probe tokens (seed {seed})", fontsize=10)
-    _save(fig, path, bbox_inches="tight")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(1.6 * len(arms_shown) + 3, 3.8))
-    x = np.arange(len(arms_shown))
-    for j, key in enumerate(["cka"] + [f"cka_{m}" for m in MODALITY_NAMES]):
-        vals = [arms.get(a, {}).get(key, [math.nan, 0, 0]) for a in arms_shown]
-        ax.bar(x + (j - 1) * 0.27, [v[0] for v in vals], 0.27, yerr=[v[1] for v in vals], capsize=2,
-               label={"cka": "all probe tokens"}.get(key, key.removeprefix("cka_") + " tokens only"))
-    ax.set_xticks(x, [_label(spec, a) for a in arms_shown], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("mean CKA between distinct experts")
-    ax.set_title(f"expert similarity (lower = more distinct), mean ± std over {len(spec.seeds)} seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, bars_path)
-    plt.close(fig)
-
-
-def _plot_transfer(spec: StudySpec, arms: dict, path: Path) -> None:
-    t = spec.transfer
-    names = [a for a in t.arms if a in arms]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    x = np.arange(len(names))
-    for ax, (key, tkey, title) in zip(axes, [("caption_loss", "caption_loss", "eval caption loss"),
-                                             ("retrieval_r1", "retrieval_r1", "retrieval R@1"),
-                                             ("spec", "spec", "specialisation index")]):
-        src = [arms[a].get(key, [math.nan, 0, 0]) for a in names]
-        dst = [arms[a]["transfer"].get(tkey, [math.nan, 0, 0]) for a in names]
-        own = [arms.get(t.trained_on_target.get(a, ""), {}).get(key, [math.nan, 0, 0]) for a in names]
-        ax.bar(x - 0.27, [v[0] for v in src], 0.27, yerr=[v[1] for v in src], capsize=3, label=f"trained & tested on {spec.primary_data}")
-        ax.bar(x, [v[0] for v in dst], 0.27, yerr=[v[1] for v in dst], capsize=3, label=f"trained on {spec.primary_data}, tested on {t.to}")
-        ax.bar(x + 0.27, [v[0] for v in own], 0.27, yerr=[v[1] for v in own], capsize=3, label=f"trained & tested on {t.to}")
-        ax.set_xticks(x, [_label(spec, a) for a in names], fontsize=9)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -367,8 +138,8 @@ def write_study_report(spec: StudySpec, out: str | Path) -> Path:
     if result["missing"]:
         md += [f"**Missing runs** (not finished or not analysed): {', '.join(result['missing'])}", ""]
     md += ["## All arms", ""] + _headline_table(spec, arms, list(spec.arms)) + [""]
-    _plot_bars(spec, arms, plots / "bars.png")
-    _plot_eval_curves(spec, records, plots / "eval_loss.png", [a for a in dynamics_arms if a in spec.arms])
+    plot_bars(spec, arms, plots / "bars.png")
+    plot_eval_curves(spec, records, plots / "eval_loss.png", [a for a in dynamics_arms if a in spec.arms])
     md += ["![headline metrics per arm](plots/bars.png)", "", "![held-out loss over training](plots/eval_loss.png)", ""]
     for e in spec.experiments:
         md += [f"## {e.title}", ""]
@@ -386,7 +157,7 @@ def write_study_report(spec: StudySpec, out: str | Path) -> Path:
                         md += [f"Target used by `{a}` (from `{spec.arms[a].target_from}`, experts sorted by image lean, "
                                "rows image / text):", "", "```", *[" ".join(f"{x:.3f}" for x in row) for row in t], "```", ""]
             if e is next((x for x in spec.experiments if x.kind == "compare"), None):
-                _plot_load(spec, out, [a for a in spec.arms if spec.arm_data(a) == spec.primary_data and spec.arms[a].steps_mult == 1],
+                plot_load(spec, out, [a for a in spec.arms if spec.arm_data(a) == spec.primary_data and spec.arms[a].steps_mult == 1],
                            plots / "load.png")
                 md += ["![per-modality expert load](plots/load.png)", ""]
         elif e.kind == "dynamics":
@@ -409,13 +180,13 @@ def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str]
     shuffled = [r.get("agreement_shuffled") for r in records if r["arm"] in names and r.get("agreement_shuffled") is not None]
     ref_spec = [r["spec_layers"] for r in records if r["arm"] == ref]
     ref_spec_l = np.mean(ref_spec, axis=0).tolist() if ref_spec else []
-    _plot_per_layer(spec, records, names, "track_spec", "specialisation index", plots / "specialisation.png",
+    plot_per_layer(spec, records, names, "track_spec", "specialisation index", plots / "specialisation.png",
                     {f"{ref} final": ref_spec_l})
     tracked = [a for a in names if a != ref]
     hl = {f"{ref} seed-to-seed": ceil_l}
     if shuffled:
         hl["modality-only baseline"] = [float(np.mean(shuffled))] * len(ceil_l)
-    _plot_per_layer(spec, records, tracked, "track_agreement", f"top-1 agreement with {ref} (final)",
+    plot_per_layer(spec, records, tracked, "track_agreement", f"top-1 agreement with {ref} (final)",
                     plots / "agreement.png", hl)
     md += ["![specialisation per layer over training](plots/specialisation.png)", "",
            "![agreement with the reference router over training](plots/agreement.png)", ""]
@@ -423,7 +194,7 @@ def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str]
            f"`{ref}`'s final routing. Seed-to-seed = `{ref}` vs its other seeds (how reproducible the reference "
            "pattern is); modality-only baseline = agreement after shuffling a router's choices among tokens of the "
            "same modality (what per-modality load shares alone explain).", ""]
-    layers = _n_layers(records)
+    layers = n_layers(records)
     md += ["| arm | step | " + " | ".join(f"spec. L{lay}" for lay in layers) + " | "
            + " | ".join(f"agree L{lay}" for lay in layers) + " |", "|---|---|" + "---|" * (2 * len(layers))]
     for a in names:
@@ -434,7 +205,7 @@ def _dynamics(spec: StudySpec, arms: dict, records: list[dict], names: list[str]
             ag = [v for r in mine for s, v in r["curves"].get("track_agreement", []) if s == st]
             row = [_fmt(float(np.mean([x[i] for x in sp]))) for i in range(len(layers))]
             row += [_fmt(float(np.mean([x[i] for x in ag]))) if ag else "–" for i in range(len(layers))]
-            md.append(f"| {_label(spec, a)} | {st} | " + " | ".join(row) + " |")
+            md.append(f"| {arm_label(spec, a)} | {st} | " + " | ".join(row) + " |")
     md += ["", f"`{ref}` seed-to-seed agreement per layer: " + ", ".join(_fmt(x) for x in ceil_l)
            + (f"; modality-only baseline ≈ {np.mean(shuffled):.3f}" if shuffled else ""), ""]
     return md
@@ -446,7 +217,7 @@ def _cka_section(spec: StudySpec, arms: dict, names: list[str], out: Path, plots
     md = _headline_table(spec, arms, names, cols) + [""]
     md += _verdicts(spec, arms, names[0], names[1:], keys=(("cka", "mean pairwise CKA"),) +
                     tuple((f"cka_{m}", f"CKA on {m} tokens") for m in MODALITY_NAMES)) + [""]
-    _plot_cka(spec, out, arms, names, plots / "cka.png", plots / "cka_bars.png")
+    plot_cka(spec, out, arms, names, plots / "cka.png", plots / "cka_bars.png")
     return md + ["![mean expert CKA per arm](plots/cka_bars.png)", "", "![expert CKA matrices](plots/cka.png)", ""]
 
 
@@ -472,7 +243,7 @@ def _transfer_section(spec: StudySpec, arms: dict, plots: Path) -> list[str]:
         def g(d, k):
             return _fmt(*d.get(k, [math.nan, math.nan, 0])[:2])
 
-        md.append(f"| {_label(spec, a)} | {g(arms[a], 'caption_loss')} | {g(tr, 'caption_loss')} | "
+        md.append(f"| {arm_label(spec, a)} | {g(arms[a], 'caption_loss')} | {g(tr, 'caption_loss')} | "
                   f"{g(own, 'caption_loss') if own else '–'} | {g(tr, 'retrieval_r1')} | {g(arms[a], 'spec')} | {g(tr, 'spec')} | "
                   f"{g(tr, 'pattern_similarity')} | {g(tr, 'agreement_with_target_trained')} | {g(tr, 'agreement_seed_to_seed')} |")
         if own_peer:
@@ -490,8 +261,8 @@ def _transfer_section(spec: StudySpec, arms: dict, plots: Path) -> list[str]:
                            ("agreement_with_target_trained", f"agreement with {t.to}-trained")):
             d, se, noise = delta({a: arms[a]["transfer"], b: arms[b]["transfer"]}, a, b, key)
             if math.isfinite(d):
-                md.append(f"- {title}: {_label(spec, b)} − {_label(spec, a)} = {d:+.3f} (SE {se:.3f}, "
+                md.append(f"- {title}: {arm_label(spec, b)} − {arm_label(spec, a)} = {d:+.3f} (SE {se:.3f}, "
                           f"{'within seed noise' if noise else 'beyond 2 SE'})")
         md.append("")
-    _plot_transfer(spec, arms, plots / "transfer.png")
+    plot_transfer(spec, arms, plots / "transfer.png")
     return md + ["![transfer](plots/transfer.png)", ""]

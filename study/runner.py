@@ -49,7 +49,9 @@ __all__ = ["RunPlan", "StudyRunner", "ANALYSIS_VERSION"]
 ANALYSIS_VERSION = 1
 # fields that may differ between invocations without changing what a run computes
 _IGNORED = {("train", "progress"), ("train", "tensorboard"), ("train", "threads"), ("train", "report"),
-            ("train", "device"), ("data", "num_workers"), ("data", "prefetch_factor")}
+            ("train", "device"), ("data", "num_workers"), ("data", "prefetch_factor"),
+            # folders written before the data sizes were derived from the model still list them
+            ("data", "image_size"), ("data", "patch_size"), ("data", "max_text_len")}
 
 
 @dataclass
@@ -106,7 +108,7 @@ class StudyRunner:
         """Build (or reuse) every data set; {name: {"train": [...], "eval": [...], "tokenizer": path}}."""
         if self._data_paths is not None:
             return self._data_paths
-        image_size = self._base_config().data.image_size
+        image_size = self._base_config().model.image_size
         built = {}
         for name, d in self.spec.data.items():
             if d.kind == "shards":

@@ -40,11 +40,12 @@ class ShiftSpec:
     background: tuple[int, int] = (150, 230)  # grey level range (demo: 0..60)
     noise_std: float = 24.0  # Gaussian pixel noise, in 0..255 units (demo: none)
 
-    def validate(self) -> ShiftSpec:
-        check(0.0 <= self.single_object_p <= 1.0, "single_object_p", f"must be in [0, 1], got {self.single_object_p}")
+    def validate(self, prefix: str = "shift") -> ShiftSpec:
+        p = prefix
+        check(0.0 <= self.single_object_p <= 1.0, f"{p}.single_object_p", f"must be in [0, 1], got {self.single_object_p}")
         lo, hi = self.background
-        check(0 <= lo <= hi <= 255, "background", f"must be [lo, hi] grey levels in 0..255, got {list(self.background)}")
-        check(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
+        check(0 <= lo <= hi <= 255, f"{p}.background", f"must be [lo, hi] grey levels in 0..255, got {list(self.background)}")
+        check(self.noise_std >= 0, f"{p}.noise_std", f"must be >= 0, got {self.noise_std}")
         return self
 
 
@@ -111,8 +112,8 @@ def make_shifted_demo(
     shift: ShiftSpec | None = None,
 ) -> DemoData:
     """Write train/eval shards and a copy of ``source``'s tokenizer to ``out_dir`` (reused when an
-    identical build is there already)."""
-    shift = (shift or ShiftSpec()).validate()
+    identical build is there already). ``shift`` is validated by the caller (a study, at load)."""
+    shift = shift or ShiftSpec()
     for name, value in (("n_train", n_train), ("n_eval", n_eval), ("samples_per_shard", samples_per_shard)):
         check(value > 0, name, f"must be a positive integer, got {value}")
     out = Path(out_dir).resolve()

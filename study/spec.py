@@ -34,7 +34,7 @@ __all__ = [
     "run_dir_name",
 ]
 
-STUDY_DIR = Path(__file__).resolve().parent.parent.parent / "launch" / "studies"
+STUDY_DIR = Path(__file__).resolve().parent.parent / "launch" / "studies"
 
 
 def run_dir_name(arm: str, seed: int) -> str:
@@ -140,6 +140,8 @@ class StudySpec:
                 check(bool(d.train_shards and d.eval_shards and d.tokenizer), f"study.data.{name}",
                       "a shards data set needs train_shards, eval_shards and tokenizer")
             check(d.n_train > 0 and d.n_eval > 0, f"study.data.{name}", "n_train and n_eval must be > 0")
+            if d.kind == "shifted":
+                d.shift.validate(f"study.data.{name}.shift")
         for p in self.probe.datasets:
             check(p in self.data, "study.probe.datasets", f"{p!r} is not a data set of this study ({list(self.data)})")
         check(self.probe.batches >= 1 and self.probe.batch_size >= 1 and self.probe.cka_tokens >= 2,
@@ -170,7 +172,8 @@ class StudySpec:
         return self
 
     def job_config(self, arm: str, seed: int, run_dir: Path, data_paths: dict[str, dict], target: list[list[float]] | None) -> JobConfig:
-        """The ordinary training config of one (arm, seed) run, validated."""
+        """The ordinary training config of one (arm, seed) run, not yet validated: the run's Trainer
+        validates it, once."""
         from ..launch.presets import preset_path
 
         base = Path(self.base)
@@ -195,8 +198,7 @@ class StudySpec:
         })
         if target is not None:
             overrides += _as_overrides({"model.moe.lb_modality_target": target})
-        cfg = load_job_config(path, overrides)
-        return cfg.validate()
+        return load_job_config(path, overrides)
 
 
 def _as_overrides(values: dict[str, Any]) -> list[str]:

@@ -124,3 +124,9 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     bad = [f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
            for a, deps in sorted(import_graph().items()) for b in sorted(deps) if layer_of(b) > layer_of(a)]
     assert bad == []
+
+
+def test_no_module_over_400_lines():
+    """Modules small enough to read in one sitting (the package's; tests and benchmarks aside)."""
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,7 @@ from pathlib import Path
 import pytest
 from modalmoe.launch.cli import main
 from modalmoe.launch.environment import (
-    LaunchError,
-    detect,
     free_port,
-    setup_environment,
-    slurm_first_host,
-    slurm_port,
 )
 from modalmoe.runtime.preemption import PREEMPTED_EXIT_CODE
 
@@ -413,64 +407,6 @@ def test_sigterm_mid_training_checkpoints_exits_75_and_the_rerun_resumes(demo_di
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step + 3))
     assert json.loads((run / "summary.json").read_text())["step"] == step + 2
 
-
-# ---- detection from the environment alone (no launcher needed) -------------------------------------------
-
-
-def test_detect_each_launcher_from_its_variables(monkeypatch):
-    ds = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
-                 "CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "2"})
-    assert (ds.launcher, ds.rank, ds.world_size, ds.local_rank, ds.master_addr, ds.master_port) == ("deepspeed", 1, 2, 1, "h", 29500)
-    tr = detect({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"})
-    assert tr.launcher == "torchrun"
-    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)  # no scontrol: the node list is read by hand
-    sl = detect({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_ID": "0",
-                 "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123", "SLURM_STEP_NUM_NODES": "4",
-                 "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)"})
-    assert (sl.launcher, sl.rank, sl.world_size, sl.local_rank, sl.local_world_size, sl.master_addr, sl.master_port) == \
-        ("slurm", 3, 8, 1, 2, "gpu07", slurm_port("123"))
-    assert sl.describe().startswith("launched by slurm: job 123, 8 tasks on 4 node(s)")
-    assert detect({}).launcher == "single"
-
-
-def test_free_port_skips_ports_in_use_and_stays_below_the_ephemeral_range():
-    from modalmoe.launch.environment import _ephemeral_range
-
-    eph_low = _ephemeral_range()[0]
-    start = 20000 + (os.getpid() % 5000)
-    with socket.socket() as held:
-        held.bind(("", free_port(start=start)))
-        held.listen()
-        taken = held.getsockname()[1]
-        port = free_port(start=taken)
-        assert port != taken and 20000 <= port < eph_low
-        with socket.socket() as s:
-            s.bind(("", port))  # really free
-    job = free_port(env={"SLURM_JOB_ID": "4321"})
-    assert job >= slurm_port("4321") and job < eph_low
-
-
-def test_slurm_first_host_without_scontrol(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
-    assert slurm_first_host("node[003-005,9],login1") == "node003"
-    assert slurm_first_host("a01,a02") == "a01"
-    assert slurm_first_host("localhost") == "localhost"
-
-
-def test_launch_errors_name_the_fix(monkeypatch):
-    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST is not set"):
-        detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0"})
-    with pytest.raises(LaunchError, match="not started by srun"):
-        detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"})
-    with pytest.raises(LaunchError, match="MASTER_ADDR"):
-        detect({"RANK": "0", "WORLD_SIZE": "2"})
-    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if not installed
-    with pytest.raises(LaunchError, match="mpi4py is not installed"):
-        detect({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
-    ok = detect({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "5"})
-    assert (ok.launcher, ok.rank, ok.master_addr) == ("mpirun", 1, "h")
-
-
 def test_cli_reports_a_bad_launch_environment(monkeypatch, capsys, demo_dir, tmp_path):
     for k in [k for k in os.environ if LAUNCHER_VARS.match(k)]:
         monkeypatch.delenv(k)
@@ -479,15 +415,3 @@ def test_cli_reports_a_bad_launch_environment(monkeypatch, capsys, demo_dir, tmp
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert main(["train", *_train_args(demo_dir, tmp_path / "r")]) == 2
     assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
-
-
-def test_export_sets_the_torch_variables():
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0",
-           "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": "4242"}
-    info = setup_environment(env=env)
-    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
-        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "4242"}
-    assert info.launcher == "slurm"
-    single = {}
-    setup_environment(env=single)
-    assert single == {}

@@ -26,7 +26,9 @@ from modalmoe.models import (
 from modalmoe.models.masks import prefix_lm_mask
 from modalmoe.models.norm import RMSNorm, apex_rms_norm
 from modalmoe.runtime.config import ConfigError, load_yaml
+from modalmoe.runtime.data import SIZE_FIELDS
 from modalmoe.runtime.moe import MoEConfig
+from modalmoe.train.job_config import load_job_config
 from model_utils import make_batch
 
 torch.set_num_threads(2)
@@ -292,9 +294,10 @@ def test_other_config_errors_name_the_field():
 @pytest.mark.parametrize("name", ["smoke", "small", "base"])
 def test_presets_load_and_agree_with_data(name):
     assert name in list_presets()
-    cfg = load_model_config(name)
-    data = load_yaml(preset_path(name))["data"]
-    assert (data["image_size"], data["patch_size"], data["max_text_len"]) == (
+    cfg = load_model_config(name).validate()
+    assert not set(SIZE_FIELDS) & set(load_yaml(preset_path(name))["data"])  # the model owns the sizes
+    data = load_job_config(preset_path(name)).validate(check_paths=False).data
+    assert (data.image_size, data.patch_size, data.max_text_len) == (
         cfg.image_size, cfg.patch_size, cfg.max_text_len)
 
 

@@ -27,10 +27,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from dist_utils import run_distributed
 from modalmoe.runtime.distributed import all_reduce_sum, reduce_gradients
+from modalmoe.runtime.config import ConfigError
+from modalmoe.runtime.deepspeed_groups import DeepSpeedMPU, deepspeed_group_name, mark_expert_params
 from modalmoe.runtime.moe import MoEConfig, MoELayer
-from modalmoe.runtime.moe.ep_dispatch import expert_parallel_layer, load_expert_slice
+from modalmoe.runtime.moe.dispatch import LocalDispatcher, TokenDispatcher
+from modalmoe.runtime.moe.ep_dispatch import AllToAllDispatcher
 from modalmoe.runtime.parallel_state import Layout, ParallelState
 
 H, F, E, K = 16, 32, 4, 2
@@ -98,11 +102,18 @@ def _np(t: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+def _ep_layer(kw: dict, state: ParallelState) -> MoELayer:
+    """The seeded single-process layer made expert-parallel, as ``parallelize`` makes it."""
+    layer = _full_layer(kw)
+    layer.apply_ep(state.ep_group)
+    layer.stats_group = state.dp_group
+    mark_expert_params(layer.experts, deepspeed_group_name(state.size("ep")))
+    return layer
+
+
 def _ep_setup(world: int, ep: int, kw: dict):
     state = ParallelState.build(Layout(world, ep=ep))
-    full = _full_layer(kw)
-    layer = expert_parallel_layer(_cfg(kw), state.ep_group, stats_group=state.dp_group)
-    load_expert_slice(layer, full.state_dict(), state.rank_in("ep"))
+    layer = _ep_layer(kw, state)
     assert all(p.allreduce is False and p.group_name == f"ep_size_{ep}" for p in layer.experts.parameters())
     return state, layer
 
@@ -112,21 +123,26 @@ def _shard(t: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return t[state.coords.dp * b : (state.coords.dp + 1) * b]
 
 
+def _step(layer: MoELayer, state: ParallelState, case: str) -> dict:
+    """One forward/backward of ``layer`` on this rank's shard, grads reduced as DeepSpeed does."""
+    x, modality, mask, target = (_shard(t, state) for t in _batch(seed=1, case=case))
+    x.requires_grad_(True)
+    y, aux = layer(x, modality, mask)
+    (_task(y, target) + aux.loss).backward()
+    reduce_gradients(layer.parameters(), state.dp_group, state.edp_group)
+    return dict(
+        y=_np(y), aux=float(aux.loss.detach()), x_grad=_np(x.grad), bias=_np(layer.router.expert_bias_E),
+        grads={n: _np(p.grad) for n, p in layer.named_parameters() if p.grad is not None},
+        bytes=dict(layer.dispatcher.bytes_sent), tokens_M=_np(aux.stats.tokens_M),
+        dp_idx=state.coords.dp, ep_idx=state.rank_in("ep"), ep_ranks=state.ranks["ep"],
+    )
+
+
 def _parity_worker(rank: int, world: int, ep: int) -> dict:
     out = {}
     for name, kw in CASES.items():
         state, layer = _ep_setup(world, ep, kw)
-        x, modality, mask, target = (_shard(t, state) for t in _batch(seed=1, case=name))
-        x.requires_grad_(True)
-        y, aux = layer(x, modality, mask)
-        (_task(y, target) + aux.loss).backward()
-        reduce_gradients(layer.parameters(), state.dp_group, state.edp_group)
-        out[name] = dict(
-            y=_np(y), aux=float(aux.loss.detach()), x_grad=_np(x.grad), bias=_np(layer.router.expert_bias_E),
-            grads={n: _np(p.grad) for n, p in layer.named_parameters() if p.grad is not None},
-            bytes=dict(layer.dispatcher.bytes_sent), tokens_M=_np(aux.stats.tokens_M),
-            dp_idx=state.coords.dp, ep_idx=state.rank_in("ep"), ep_ranks=state.ranks["ep"],
-        )
+        out[name] = _step(layer, state, name)
     out["train"] = {opt: _train_worker(world, ep, opt) for opt in ("sgd", "adam")}
     return out
 
@@ -200,15 +216,11 @@ def _expert_slice(name: str, t: torch.Tensor, ep_idx: int, ep: int) -> torch.Ten
     return t
 
 
-@pytest.mark.parametrize("world", sorted(WORLDS))
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_backward_parity(world, case):
-    ep = WORLDS[world]["ep"]
+def _assert_matches_reference(case: str, world: int, ep: int, per_rank: list[dict]) -> None:
     dp = world  # tp = 1
     ref = _reference(case, dp)
     b = B_GLOBAL // dp
-    for rank, res in enumerate(_run(world)):
-        r = res[case]
+    for rank, r in enumerate(per_rank):
         shard = slice(r["dp_idx"] * b, (r["dp_idx"] + 1) * b)
         where = f"{case}, world {world}, rank {rank}"
         _close(r["y"], ref["y"][shard], f"output ({where})")
@@ -219,8 +231,14 @@ def test_forward_backward_parity(world, case):
         assert set(r["grads"]) == set(ref["grads"]), where
         for n, g in r["grads"].items():
             _close(g, _expert_slice(n, ref["grads"][n], r["ep_idx"], ep), f"grad of {n} ({where})")
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_backward_parity(world, case):
+    _assert_matches_reference(case, world, WORLDS[world]["ep"], [res[case] for res in _run(world)])
     tokens = sum(res[case]["tokens_M"] for res in _run(world))
-    _close(tokens, ref["tokens_M"], f"stats stay per-rank and sum to the global counts ({case})")
+    _close(tokens, _reference(case, world)["tokens_M"], f"stats stay per-rank and sum to the global counts ({case})")
 
 
 @pytest.mark.parametrize("world", sorted(WORLDS))
@@ -284,7 +302,6 @@ def test_losses_match_between_worlds():
 def _count_paths_worker(rank: int, world: int, ep: int) -> dict:
     """The EP dispatcher fed counts gathered over the DP group (the layer's path, riding the routing
     sums) and the same dispatcher exchanging them by its own all-to-all must move the same rows."""
-    from modalmoe.runtime.moe.ep_dispatch import AllToAllDispatcher
     from modalmoe.runtime.moe.stats import RoutingSums
 
     state = ParallelState.build(Layout(world, ep=ep))
@@ -322,10 +339,61 @@ def test_partitioned_router_entropy_grad_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
 
+def _apply_ep_worker(rank: int, world: int, ep: int) -> dict:
+    """apply_ep on tensor-parallel experts (TP groups of one rank, so they compute what the plain
+    ones do), and its refusals."""
+    from modalmoe.runtime.tensor_parallel import TensorParallelGroupedExperts
+
+    state = ParallelState.build(Layout(world, ep=ep))
+    tp_group = [dist.new_group([r]) for r in range(world)][rank]
+    layer = _full_layer(CASES["topk"])
+    layer.experts = TensorParallelGroupedExperts.from_full(layer.experts, tp_group)
+    for p in layer.experts.parameters():
+        p.tensor_model_parallel = True
+    before = {n: p for n, p in layer.experts.named_parameters()}
+    layer.apply_ep(state.ep_group)
+    mark_expert_params(layer.experts, deepspeed_group_name(ep))
+    layer.stats_group = state.dp_group
+    ex = layer.experts
+    out = dict(
+        step=_step(layer, state, "topk"),
+        kind=type(ex).__name__, tp_group_kept=ex.tp_group is tp_group, specs=sorted(ex.tp_shard_specs()),
+        shapes={n: tuple(p.shape) for n, p in ex.named_parameters()},
+        tp_marks=[getattr(p, "tensor_model_parallel", False) for p in ex.parameters()],
+        new_params=all(p is not before[n] for n, p in ex.named_parameters()),
+        dispatchers=(isinstance(layer.dispatcher, AllToAllDispatcher), isinstance(layer.dispatcher, TokenDispatcher)),
+    )
+    try:
+        layer.apply_ep(state.ep_group)
+    except ValueError as e:
+        out["twice"] = str(e)
+    odd = MoELayer(MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=3, top_k=2))
+    try:
+        odd.apply_ep(state.ep_group)
+    except ConfigError as e:
+        out["indivisible"] = str(e)
+    out["indivisible_untouched"] = (isinstance(odd.dispatcher, LocalDispatcher), odd.experts.num_experts, odd.ep_group)
+    return out
+
+
+def test_apply_ep_on_tensor_parallel_experts_and_its_refusals():
+    ep = world = 2
+    results = run_distributed(_apply_ep_worker, world, ep, timeout=60)
+    _assert_matches_reference("topk", world, ep, [r["step"] for r in results])
+    for r in results:
+        assert r["kind"] == "TensorParallelGroupedExperts" and r["tp_group_kept"] and r["specs"] == ["w1_EHF", "w2_EFH"]
+        assert r["shapes"] == {"w1_EHF": (E // ep, H, F), "w2_EFH": (E // ep, F, H)}
+        assert r["tp_marks"] == [True, True] and r["new_params"]
+        assert r["dispatchers"] == (True, True)
+        assert "already expert-parallel" in r["twice"]
+        assert "`model.moe.num_experts`" in r["indivisible"] and "multiple of 2" in r["indivisible"], r["indivisible"]
+        assert r["indivisible_untouched"] == (True, 3, None)
+
+
 def _deepspeed_worker(rank: int, world: int, ep: int) -> dict:
     """deepspeed.initialize on our groups: its grad reduction must equal ``reduce_gradients``."""
     import deepspeed
-    from modalmoe.runtime.parallel_state import deepspeed_moe_marker, register_with_deepspeed
+    from modalmoe.runtime.deepspeed_groups import deepspeed_moe_marker, register_with_deepspeed
 
     state = ParallelState.build(Layout(world, ep=ep))
     name = register_with_deepspeed(state)
@@ -335,8 +403,7 @@ def _deepspeed_worker(rank: int, world: int, ep: int) -> dict:
     class Net(torch.nn.Module):
         def __init__(self, marker: bool):
             super().__init__()
-            self.moe = expert_parallel_layer(_cfg(kw), state.ep_group, stats_group=state.dp_group)
-            load_expert_slice(self.moe, _full_layer(kw).state_dict(), state.rank_in("ep"))
+            self.moe = _ep_layer(kw, state)
             assert self.moe.experts.w1_EHF.group_name == name
             if marker:
                 self.ds_moe_marker = deepspeed_moe_marker(E, ep, name)
@@ -352,7 +419,7 @@ def _deepspeed_worker(rank: int, world: int, ep: int) -> dict:
     for stage in (0, 2):
         net = Net(marker=True)
         engine, *_ = deepspeed.initialize(
-            model=net, model_parameters=list(net.parameters()), mpu=state.mpu,
+            model=net, model_parameters=list(net.parameters()), mpu=DeepSpeedMPU(state),
             config={"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": DS_LR}},
                     "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True},
         )

@@ -166,6 +166,24 @@ def test_bf16_forward_backward():
     assert torch.isfinite(x.grad.float()).all()
 
 
+def test_both_dispatchers_are_token_dispatchers():
+    """The layer talks to one interface; the local and the expert-parallel dispatcher implement it."""
+    from modalmoe.runtime.moe.dispatch import LocalDispatcher, TokenDispatcher
+    from modalmoe.runtime.moe.ep_dispatch import AllToAllDispatcher
+
+    assert TokenDispatcher.__abstractmethods__ == {"permute", "shared_counts", "send", "combine"}
+    for cls in (LocalDispatcher, AllToAllDispatcher):
+        assert issubclass(cls, TokenDispatcher) and not cls.__abstractmethods__, cls
+    assert isinstance(_layer().dispatcher, LocalDispatcher)
+
+    class Incomplete(TokenDispatcher):
+        def permute(self, x_TH, idx_Tk, capacity):
+            return x_TH, None
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+
+
 def test_empty_input():
     layer = _layer()
     y, aux = layer(torch.zeros(0, H), torch.zeros(0, dtype=torch.long))

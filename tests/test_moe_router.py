@@ -165,3 +165,18 @@ def test_bias_update_moves_towards_balance():
 def test_bad_moe_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
         _cfg(**kw)
+
+
+def test_one_router_registry_serves_validation_and_build():
+    from modalmoe.runtime.moe import router as router_module
+    from modalmoe.runtime.moe.config import ROUTER_CLASSES
+
+    assert ROUTERS == tuple(ROUTER_CLASSES)
+    classes = {c for c in vars(router_module).values()
+               if isinstance(c, type) and issubclass(c, router_module.Router)}
+    assert {getattr(router_module, n) for n in ROUTER_CLASSES.values()} == classes  # none left out
+    for name, cls in ROUTER_CLASSES.items():
+        assert type(build_router(_cfg(router=name, top_k=1 if name == "switch" else 2))).__name__ == cls
+    with pytest.raises(ConfigError) as err:
+        _cfg(router="nope")
+    assert str(list(ROUTERS)) in str(err.value)

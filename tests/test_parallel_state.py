@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import free_port, run_distributed
+from modalmoe.models import ModelConfig
+from modalmoe.models.parallelize import check_tp_divisibility
 from modalmoe.runtime.config import ConfigError
-from modalmoe.runtime.parallel_state import GROUP_KINDS, Layout, ParallelState, register_with_deepspeed
+from modalmoe.runtime.deepspeed_groups import DeepSpeedMPU, register_with_deepspeed
+from modalmoe.runtime.parallel_state import GROUP_KINDS, Layout, ParallelState, check_experts_divide
 from modalmoe.train.job_config import ParallelConfig
 
 
@@ -103,9 +106,16 @@ def test_invalid_layouts_are_refused_before_any_collective(kwargs, field, fix):
     assert f"`{field}`" in str(e.value) and fix in str(e.value), str(e.value)
 
 
+def _validate_model(layout: Layout, num_heads: int, hidden_size: int, ffn_hidden_size: int, num_experts: int) -> None:
+    """What the trainer checks before any process group: TP splits (model side), then EP splits."""
+    cfg = ModelConfig(num_heads=num_heads, hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size)
+    check_tp_divisibility(cfg, layout.tp, expert_tp=False, world_size=layout.world_size)
+    layout.validate_num_experts(num_experts)
+
+
 def test_model_shapes_are_checked_against_the_layout():
     layout = Layout(16, tp=4, ep=4)
-    layout.validate_model(num_heads=8, hidden_size=256, ffn_hidden_size=1024, num_experts=8)
+    _validate_model(layout, num_heads=8, hidden_size=256, ffn_hidden_size=1024, num_experts=8)
     cases = [
         (dict(num_heads=6, hidden_size=256, ffn_hidden_size=1024, num_experts=8), "model.num_heads", "multiple of 4"),
         (dict(num_heads=8, hidden_size=250, ffn_hidden_size=1024, num_experts=8), "model.hidden_size", "tp in [1, 2]"),
@@ -114,8 +124,21 @@ def test_model_shapes_are_checked_against_the_layout():
     ]
     for kw, field, fix in cases:
         with pytest.raises(ConfigError) as e:
-            layout.validate_model(**kw)
+            _validate_model(layout, **kw)
         assert f"`{field}`" in str(e.value) and fix in str(e.value), str(e.value)
+
+
+def test_expert_divisibility_is_one_check():
+    """The layout's check and the EP dispatcher's (which knows only its group size) say the same."""
+    with pytest.raises(ConfigError) as by_layout:
+        Layout(8, ep=4).validate_num_experts(6)
+    with pytest.raises(ConfigError) as by_group:
+        check_experts_divide(6, 4)
+    for e in (by_layout, by_group):
+        assert str(e.value).startswith("config field `model.moe.num_experts`: num_experts=6 is not divisible by parallel.ep=4")
+    assert str(by_layout.value).endswith("ep in [1, 2]") and str(by_group.value).endswith("ep in [1, 2, 3, 6]")
+    check_experts_divide(8, 4)
+    assert not hasattr(Layout, "validate_model") and not hasattr(ParallelState, "mpu")
 
 
 def _groups_worker(rank: int, world: int) -> dict:
@@ -128,7 +151,7 @@ def _groups_worker(rank: int, world: int) -> dict:
             t = torch.tensor([float(rank), 1.0])
             dist.all_reduce(t, group=state.group(kind))
             got[kind] = (t.tolist(), state.ranks[kind], state.rank_in(kind), dist.get_rank(state.group(kind)))
-        mpu = state.mpu
+        mpu = DeepSpeedMPU(state)
         got["mpu"] = (
             mpu.get_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank(),
             mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank(), mpu.get_data_parallel_group_ranks(),

@@ -47,6 +47,7 @@ CASES = {
     "override_not_yaml": (2, ["data.train_shards=[/x/train-{000000..000003}.tar]"], "data.train_shards=", "quote strings"),
     "zero_max_nonfinite_steps": (2, ["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps", "must be >= 1"),
     "collapse_share_too_big": (2, ["train.collapse_share=1.5"], "train.collapse_share", "in [0, 1)"),
+    "data_size_set_under_data": (2, ["data.patch_size=4"], "data.patch_size", "set model.patch_size=4 instead"),
 }
 
 

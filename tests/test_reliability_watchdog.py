@@ -9,9 +9,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
+from dist_utils import free_port
 from modalmoe.runtime.watchdog import Watchdog
 
 
@@ -82,3 +84,32 @@ def test_a_failing_rank_tells_the_others_and_diagnose_reports_it(store):
     assert dogs[0].diagnose(wait_s=5) == "rank 1 failed: BadDataError: 8 of 8 samples were bad"
     dogs[0].stop()
     assert lost == {0: [], 1: []}  # the main thread handled it within the grace period
+
+
+_STORE_HOST = """
+import sys, time, torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False)
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("agent_store", [False, True])
+def test_a_lost_store_is_blamed_on_whoever_hosts_it(agent_store):
+    """The rendezvous store gone: rank 0 hosts it, unless the LaunchInfo says torchrun's agent does."""
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", _STORE_HOST, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        lost: list[str] = []
+        dog = Watchdog(store, 1, 2, timeout_s=30.0, interval_s=0.2, grace_s=60.0, on_lost=lost.append, agent_store=agent_store)
+        dog.start()
+    finally:
+        host.kill()
+        host.wait()
+    verdict = dog.diagnose(wait_s=30)
+    dog.stop(done=False)
+    want = "the launcher's rendezvous store is unreachable" if agent_store else "rank 0 lost: the rendezvous store it hosts is unreachable"
+    assert verdict is not None and verdict.startswith(want), verdict
+    assert not lost

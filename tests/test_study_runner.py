@@ -129,3 +129,14 @@ def test_cli_report_only_and_bad_study_name(study, capsys):
     assert "report:" in capsys.readouterr().out
     assert main(["study", "no-such-study"]) == 2
     assert "no study named" in capsys.readouterr().err
+
+
+def test_study_validation_changes_nothing_and_checks_the_shift():
+    from modalmoe.runtime.config import to_dict
+
+    spec = load_study("modality-routing")
+    before = to_dict(spec)
+    spec.validate()
+    assert to_dict(spec) == before
+    with pytest.raises(ConfigError, match=r"`study\.data\.shifted\.shift\.noise_std`"):
+        load_study("modality-routing", ["study.data.shifted.shift.noise_std=-1"])

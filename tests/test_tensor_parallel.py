@@ -105,6 +105,16 @@ def test_divisibility_names_parallel_tp_and_the_fix(cfg_kwargs, tp, expert_tp, e
     assert "set parallel.tp to one of" in str(e.value) and "or change" in str(e.value)
 
 
+def test_divisibility_with_the_world_size_suggests_what_fits_it():
+    """The trainer passes the launched world size: tp values must divide it too. The dense FFN width
+    is checked even when every layer is MoE (a layout stays valid when layers turn dense)."""
+    cfg = tiny_config(moe_every=1, ffn_hidden_size=30)
+    with pytest.raises(ConfigError, match=r"tp=4 must divide model\.ffn_hidden_size=30") as e:
+        check_tp_divisibility(cfg, 4, expert_tp=False, world_size=8)
+    assert str(e.value).endswith("on 8 ranks: use a multiple of 4 for `model.ffn_hidden_size` or tp in [1, 2]")
+    check_tp_divisibility(tiny_config(), 2, expert_tp=True, world_size=2)
+
+
 def test_whole_experts_need_not_divide():
     cfg = tiny_config(moe=_moe(ffn_hidden_size=18, num_shared_experts=1, shared_ffn_hidden_size=10))
     check_tp_divisibility(cfg, 4, expert_tp=False)

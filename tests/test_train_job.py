@@ -80,3 +80,47 @@ def test_module_entry_point_prints_config(demo_dir):
     )
     assert out.returncode == 0, out.stderr
     assert "moe:" in out.stdout and "train_shards:" in out.stdout
+
+
+def test_the_caption_objective_is_normalised_by_the_global_token_count():
+    """Two replicas' halves of a batch, each NLL sum divided by the tokens of both, add up to the
+    whole batch's caption loss; ``loss`` is that caption mean plus the batch-mean terms."""
+    import torch
+    from modalmoe.models.config import ModelConfig
+    from modalmoe.models.transformer import build_model
+    from parity_utils import global_batches, slice_batch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=32, hidden_size=32, num_heads=4, num_layers=2, ffn_hidden_size=64,
+                                    moe_every=0, image_size=16, patch_size=8, max_text_len=12, contrastive_coef=0.5))
+    batch = global_batches()[0]
+    whole, halves = model(batch), [model(slice_batch(batch, 0, 4)), model(slice_batch(batch, 4, 8))]
+    n_global = sum(int(h.num_text_tokens) for h in halves)
+    assert n_global == int(whole.num_text_tokens) and int(halves[0].num_text_tokens) != int(halves[1].num_text_tokens)
+    assert torch.allclose(sum(h.caption_nll_sum for h in halves) / n_global, whole.caption_loss, rtol=1e-6)
+    for out in (whole, *halves):
+        assert torch.allclose(out.caption_nll_sum / out.num_text_tokens, out.caption_loss, rtol=1e-6)
+        assert torch.allclose(out.loss, out.caption_loss + out.non_caption_loss)
+        assert torch.allclose(out.non_caption_loss, 0.5 * out.contrastive_loss + out.aux_loss)
+
+
+def test_the_trainer_takes_the_launch_it_is_given(demo_dir, tmp_path, monkeypatch):
+    """A LaunchInfo passed in wins over the environment (which here says: one process)."""
+    import torch.distributed as dist
+    from modalmoe.runtime.config import ConfigError
+    from modalmoe.runtime.data import demo_paths
+    from modalmoe.runtime.launch_info import LaunchInfo
+    from modalmoe.train.job_config import load_job_config
+    from modalmoe.train.trainer import Trainer
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    paths = demo_paths(demo_dir)
+    cfg = load_job_config(None, TINY + [f"data.train_shards={paths['train']}", f"data.tokenizer={paths['tokenizer']}",
+                                        "data.eval_shards=[]", f"train.run_dir={tmp_path}", "parallel.engine=torch"])
+    two = LaunchInfo("torchrun", 0, 2, 0, 2, "127.0.0.1", 29500, "2 processes on 1 node(s)")
+    with pytest.raises(ConfigError, match="parallel.engine"):
+        Trainer(cfg, train_data=[], launch=two)
+    assert not dist.is_initialized()
+    trainer = Trainer(cfg, train_data=[], launch=LaunchInfo("single", 0, 1, 0, 1, None, None))
+    assert trainer.checkpoints.layout_meta()["world"] == 1 and trainer.process.launch.launcher == "single"

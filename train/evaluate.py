@@ -66,9 +66,8 @@ def evaluate(
         batch = batch.to(device)
         with _autocast(device, dtype):
             out = model(batch)
-        n = out.num_text_tokens.double().cpu()
-        nll_sum += out.caption_loss.double().cpu() * n
-        n_tokens += n
+        nll_sum += out.caption_nll_sum.double().cpu()
+        n_tokens += out.num_text_tokens.double().cpu()
         targets = batch.text[:, 1:][batch.text_mask[:, 1:]]
         token_counts += torch.bincount(targets.cpu(), minlength=vocab_size)[:vocab_size].double()
     nll_sum, n_tokens, token_counts = dp_sum(nll_sum), dp_sum(n_tokens), dp_sum(token_counts)

@@ -1,21 +1,24 @@
 """The whole training job's configuration: one typed tree, loaded from YAML plus ``--set`` overrides.
 
 Sections: ``model`` (models.ModelConfig, with its ``moe``), ``data`` (runtime.data.DataConfig),
-``train`` (the loop), ``parallel`` (the layout). Validation runs once, before anything is built.
+``train`` (the loop), ``parallel`` (the layout). Each fact has one owner: the image, patch and caption
+sizes are the model's, and the data section carries a copy made when the config is built. Validation
+only checks, and the job's entry point (the Trainer) runs it once, before anything is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
 from ..models.config import ModelConfig
 from ..runtime.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
-from ..runtime.data.config import DataConfig
+from ..runtime.data.config import SIZE_FIELDS, DataConfig
 
 __all__ = ["TrainConfig", "ParallelConfig", "JobConfig", "load_job_config"]
 
@@ -130,30 +133,51 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # sizes a loaded file or override set under `data:` ({name: value}), refused by validate(); not a
+    # config key, so from_dict and to_dict leave it out
+    data_sizes_given: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the one place the data pipeline's sizes are derived from the model's
+        self.data = dataclasses.replace(self.data, **{name: getattr(self.model, name) for name in SIZE_FIELDS})
 
     def validate(self, check_paths: bool = True) -> JobConfig:
+        """Raise ConfigError naming the first bad field; changes nothing."""
+        for name in SIZE_FIELDS:
+            check(name not in self.data_sizes_given, f"data.{name}",
+                  f"the data pipeline takes its sizes from the model; set model.{name}="
+                  f"{self.data_sizes_given.get(name)} instead and remove data.{name}")
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
-        self.data.validate(check_paths=check_paths)
-        for name in ("image_size", "patch_size", "max_text_len"):
+        for name in SIZE_FIELDS:
             m, d = getattr(self.model, name), getattr(self.data, name)
-            check(
-                m == d,
-                f"data.{name}",
-                f"is {d} but model.{name} is {m}; they must agree (set both, e.g. --set model.{name}={d} data.{name}={d})",
-            )
+            check(m == d, f"data.{name}",
+                  f"is {d} but model.{name} is {m}: the data sizes are copied from the model when the job "
+                  f"config is built (load_job_config, JobConfig(...)); change model.{name} before that, not after")
+        check(self.model.channels == 3, "model.channels",
+              f"the data pipeline decodes RGB images (3 channels), got {self.model.channels}; set it to 3")
+        self.data.validate(check_paths=check_paths, sizes_prefix="model")
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(to_dict(self), sort_keys=False)
+        """A file load_job_config reads back to an equal config: the data sizes stay the model's."""
+        d = to_dict(self)
+        for name in SIZE_FIELDS:
+            del d["data"][name]
+        return yaml.safe_dump(d, sort_keys=False)
 
 
 def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """YAML file (or nothing: all defaults) + ``section.key=value`` overrides → JobConfig (not yet validated)."""
+    """YAML file (or nothing: all defaults) + ``section.key=value`` overrides → JobConfig (not yet
+    validated). Sizes set under ``data:`` are kept aside for validate() to refuse, naming the field."""
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
+    section = data.get("data")
+    given = {name: section.pop(name) for name in SIZE_FIELDS if name in section} if isinstance(section, dict) else {}
     try:
-        return from_dict(JobConfig, data)
+        cfg = from_dict(JobConfig, data)
     except TypeError as e:  # a dataclass rejected its arguments
         raise ConfigError(str(e)) from e
+    cfg.data_sizes_given = given
+    return cfg

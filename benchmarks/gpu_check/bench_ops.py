@@ -67,8 +67,8 @@ def main() -> int:
 
     fns = {
         "permute": lambda: ops.permute(x_TH, idx_Tk, E),
-        "plan only": lambda: torch.ops.modalmoe.build_plan(idx_Tk, E, 1, -1),
-        "gather only": lambda: torch.ops.modalmoe.gather_rows(x_TH, plan.src_slot, plan.row_of, None),
+        "plan only": lambda: ops.build_plan(idx_Tk, E),
+        "gather only": lambda: ops.gather_rows(x_TH, plan.src_slot, plan.row_of),
         "unpermute": lambda: ops.unpermute(x_perm_RH, plan, w_Tk),
     }
     rows, figures = [], {}

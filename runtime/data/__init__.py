@@ -5,12 +5,13 @@ Entry points for the CLI and the trainer: :func:`make_demo`, :func:`train_tokeni
 """
 
 from .batch import MODALITY_IMAGE, MODALITY_TEXT, Batch, collate
-from .config import CLIP_MEAN, CLIP_STD, DataConfig
+from .config import CLIP_MEAN, CLIP_STD, SIZE_FIELDS, DataConfig
 from .convert import convert_folder, read_captions
 from .counts import BAD_REASONS, SAMPLE_REASONS, BadDataError, check_bad_fraction
 from .decode import IMAGE_EXTS, BadSample, ImageTransform, Sample, SampleDecoder, caption_ids, patchify, unpatchify
 from .demo import HELDOUT_COMBOS, DemoData, Scene, SceneObject, demo_paths, make_demo, render_scene, sample_scene
-from .pipeline import SampleStream, ShardLoader, SplitPlan, build_loader, split_plan
+from .loader import ShardLoader, build_loader
+from .pipeline import SampleStream, SplitPlan, split_plan
 from .shards import check_shards, expand_shards, is_local
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, check_vocab_size, iter_captions, train_tokenizer
 
@@ -26,6 +27,7 @@ __all__ = [
     "MODALITY_TEXT",
     "PAD_ID",
     "SAMPLE_REASONS",
+    "SIZE_FIELDS",
     "UNK_ID",
     "BadDataError",
     "BadSample",

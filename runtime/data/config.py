@@ -1,7 +1,8 @@
 """The data section of the training config: where the shards are and how samples become tokens.
 
 Defaults describe the embedded demo data set (32x32 images, 8x8 patches, short captions) so that
-a smoke run needs nothing but the shard and tokenizer paths.
+a smoke run needs nothing but the shard and tokenizer paths. The sizes (:data:`SIZE_FIELDS`) are the
+pipeline's inputs; in a training job they belong to the model and the job config hands them down.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 from ..config import check
 from .shards import check_shards
 
-__all__ = ["DataConfig", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["DataConfig", "CLIP_MEAN", "CLIP_STD", "SIZE_FIELDS"]
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# the sizes the pipeline shares with the model: a job sets them once, under model.
+SIZE_FIELDS = ("image_size", "patch_size", "max_text_len")
 
 
 @dataclass
@@ -56,10 +59,13 @@ class DataConfig:
     def epoch_batches(self) -> int:
         return self.epoch_samples // self.batch_size
 
-    def validate(self, check_paths: bool = True, prefix: str = "data") -> None:
-        """Raise ConfigError naming the first bad field; ``check_paths`` also looks at the disk."""
+    def validate(self, check_paths: bool = True, prefix: str = "data", sizes_prefix: str = "") -> None:
+        """Raise ConfigError naming the first bad field; ``check_paths`` also looks at the disk.
+        ``sizes_prefix``: the section the sizes came from (a job's ``model``), named in their errors."""
 
         def f(name: str) -> str:
+            if sizes_prefix and name in SIZE_FIELDS:
+                return f"{sizes_prefix}.{name}"
             return f"{prefix}.{name}" if prefix else name
 
         for name in (

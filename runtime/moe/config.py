@@ -1,4 +1,4 @@
-"""MoEConfig: every knob of one MoE layer, validated once at start."""
+"""MoEConfig: every knob of one MoE layer; ``validate()`` only checks, the job validates once at start."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ from typing import Literal
 
 from ..config import ConfigError, check
 
-__all__ = ["MoEConfig", "ROUTERS"]
+__all__ = ["MoEConfig", "ROUTERS", "ROUTER_CLASSES"]
 
-ROUTERS = (
-    "topk",  # softmax top-k (GShard / Mixtral)
-    "sigmoid",  # sigmoid scores, top-k, weights normalised over the chosen (DeepSeek-V3)
-    "noisy",  # noisy top-k gating (Shazeer et al. 2017)
-    "switch",  # top-1 (Switch Transformer)
-    "expert_choice",  # each expert picks its top tokens under a budget (Zhou et al. 2022)
-    "random",  # frozen random router
-    "modality",  # learned modality embedding added to the router input
-    "modality_gate",  # a separate gate per modality
-)
+# The one router registry: config name -> the class in router.py that implements it. Validation
+# reads the names, build_router the classes; naming the classes keeps this module below router.py.
+ROUTER_CLASSES: dict[str, str] = {
+    "topk": "Router",  # softmax top-k (GShard / Mixtral)
+    "sigmoid": "SigmoidRouter",  # sigmoid scores, top-k, weights normalised over the chosen (DeepSeek-V3)
+    "noisy": "NoisyRouter",  # noisy top-k gating (Shazeer et al. 2017)
+    "switch": "SwitchRouter",  # top-1 (Switch Transformer)
+    "expert_choice": "ExpertChoiceRouter",  # each expert picks its top tokens under a budget (Zhou et al. 2022)
+    "random": "RandomRouter",  # frozen random router
+    "modality": "ModalityEmbeddingRouter",  # learned modality embedding added to the router input
+    "modality_gate": "ModalityGateRouter",  # a separate gate per modality
+}
+ROUTERS = tuple(ROUTER_CLASSES)
 
 
 @dataclass

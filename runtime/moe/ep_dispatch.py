@@ -1,5 +1,6 @@
 """Expert-parallel dispatch: the experts are spread over an EP group and token copies travel to them
-by all-to-all. Same interface as :class:`~.dispatch.LocalDispatcher`, so the layer is unchanged.
+by all-to-all. A :class:`~.dispatch.TokenDispatcher` like the local one, so the layer is unchanged;
+:meth:`~.layer.MoELayer.apply_ep` installs it.
 
 Legend: T tokens, k slots, H hidden, E experts (global), L = E / ep local experts, P = ep peers,
 R rows this rank sends (its kept slots, grouped by global expert), N rows it receives.
@@ -21,16 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from ... import ops
 from ..distributed import all_to_all_rows
-from ..parallel_state import deepspeed_group_name, mark_expert_params
-from .config import MoEConfig
-from .experts import GroupedExperts
-from .layer import MoELayer
+from ..parallel_state import check_experts_divide
+from .dispatch import TokenDispatcher
 
-__all__ = ["AllToAllDispatcher", "EPPlan", "expert_parallel_layer", "load_expert_slice"]
+__all__ = ["AllToAllDispatcher", "EPPlan"]
 
 
 @dataclass
@@ -60,14 +59,12 @@ def _expert_major_order(counts_PL: Tensor, num_rows: int) -> Tensor:
 
 
 def _reorder_rows(x_NH: Tensor, take_N: Tensor, put_N: Tensor) -> Tensor:
-    """``x[take]`` for a permutation ``take`` with inverse ``put``. Through the gather/combine ops
-    (k = 1) the backward is the inverse gather, where index_select's would zero-fill and index_add."""
-    if not ops.kernels_for(x_NH.device.type, "gather_rows"):
-        return x_NH.index_select(0, take_N)
-    return torch.ops.modalmoe.gather_rows(x_NH, take_N, put_N.view(-1, 1), None)
+    """``x[take]`` for a permutation ``take`` with inverse ``put``, as a k = 1 gather whose backward
+    is the inverse gather (see :func:`~modalmoe.ops.gather_rows`)."""
+    return ops.gather_rows(x_NH, take_N, put_N.view(-1, 1))
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Experts split evenly over ``group`` (the EP group); see the module docstring for the path.
 
     ``bytes_sent`` accumulates the row bytes this rank hands to the all-to-alls, per phase
@@ -79,8 +76,7 @@ class AllToAllDispatcher:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        if num_experts % self.ep_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the EP group size {self.ep_size}")
+        check_experts_divide(num_experts, self.ep_size)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.bytes_sent = dict.fromkeys(("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd"), 0)
@@ -148,34 +144,3 @@ class AllToAllDispatcher:
         y_peer_NH = _reorder_rows(y_NH, ep_plan.to_peer_major_N, ep_plan.to_expert_major_N)
         y_RH = all_to_all_rows(y_peer_NH, ep_plan.recv_splits, ep_plan.send_splits, self.group, self._counter("combine"))
         return ops.unpermute(y_RH, ep_plan.plan, weights_Tk)
-
-
-def expert_parallel_layer(cfg: MoEConfig, ep_group, stats_group) -> MoELayer:
-    """An MoELayer holding only this EP rank's experts; ``stats_group`` is the DP group (the ranks
-    whose tokens make up the global batch) so the routing losses see global sums.
-
-    The expert weights are tagged as expert parameters (``allreduce = False``, ``group_name``), so
-    DeepSpeed and :func:`~..distributed.reduce_gradients` reduce their grads over EDP, not DP.
-    """
-    dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group)
-    layer = MoELayer(cfg, dispatcher=dispatcher, num_local_experts=dispatcher.num_local_experts, stats_group=stats_group)
-    mark_expert_params(layer.experts, deepspeed_group_name(dispatcher.ep_size))
-    return layer
-
-
-@torch.no_grad()
-def load_expert_slice(module: nn.Module, full_state_dict: dict[str, Tensor], ep_rank: int) -> None:
-    """Load a single-process state dict into ``module`` whose :class:`GroupedExperts` hold only
-    experts ``[ep_rank·L, (ep_rank+1)·L)``; every other tensor is copied whole."""
-    expert_prefixes = tuple(f"{n}." if n else "" for n, m in module.named_modules() if isinstance(m, GroupedExperts))
-    local = module.state_dict()
-    out = {}
-    for name, t in local.items():
-        full = full_state_dict[name]
-        if name.startswith(expert_prefixes):
-            n = t.shape[0]
-            full = full[ep_rank * n : (ep_rank + 1) * n]
-        if full.shape != t.shape:
-            raise ValueError(f"{name}: the full state dict gives {tuple(full.shape)} for a local {tuple(t.shape)}")
-        out[name] = full
-    module.load_state_dict(out)

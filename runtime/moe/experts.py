@@ -36,6 +36,23 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w1_EHF, std=init_std)
         nn.init.normal_(self.w2_EFH, std=init_std / math.sqrt(2))
 
+    @property
+    def num_experts(self) -> int:
+        return self.w1_EHF.shape[0]
+
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep experts ``[first, first + count)`` only (expert parallelism). Each weight becomes a
+        new parameter holding a copy of its slice, with the old one's attributes (such as
+        ``tensor_model_parallel``), so the full tensors can be freed; an optimizer built before
+        this call would still hold the old ones."""
+        if not (0 <= first and count >= 1 and first + count <= self.num_experts):
+            raise ValueError(f"experts [{first}, {first + count}) are not within the {self.num_experts} held here")
+        for name, p in list(self.named_parameters(recurse=False)):
+            local = nn.Parameter(p[first : first + count].clone(), requires_grad=p.requires_grad)
+            vars(local).update(vars(p))
+            setattr(self, name, local)
+
     def forward(self, x_RH: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         counts = ops.group_offsets(counts_E, x_RH.device)  # device offsets on CUDA, else one host copy
         h_RF = activate(ops.grouped_mm(x_RH, self.w1_EHF.to(x_RH.dtype), counts), self.activation)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .capacity import plan_capacity
 from .config import MoEConfig
-from .dispatch import LocalDispatcher
+from .dispatch import LocalDispatcher, TokenDispatcher
+from .ep_dispatch import AllToAllDispatcher
 from .experts import MLP, GroupedExperts
 from .losses import router_losses
 from .router import build_router
@@ -46,20 +47,40 @@ class MoELayer(nn.Module):
     rank must add ``aux.loss`` to its loss with the same weight (the trainer adds it unscaled): the
     sums' backward relies on that instead of a second collective."""
 
-    def __init__(self, cfg: MoEConfig, dispatcher=None, num_local_experts: int | None = None, stats_group=None):
+    def __init__(self, cfg: MoEConfig, stats_group=None):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         self.stats_group = stats_group
+        self.ep_group = None  # set by apply_ep
         self.router = build_router(cfg)
-        self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
         self.experts = GroupedExperts(
-            num_local_experts or cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.init_std
+            cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.init_std
         )
         self.shared = None
         if cfg.num_shared_experts > 0:
             width = cfg.num_shared_experts * (cfg.shared_ffn_hidden_size or cfg.ffn_hidden_size)
             self.shared = MLP(cfg.hidden_size, width, cfg.activation, cfg.init_std)
+
+    def apply_ep(self, ep_group) -> None:
+        """Spread the experts over ``ep_group``: this rank keeps global experts
+        ``[r·L, (r+1)·L)`` (r its EP rank, L = num_experts / ep) and token copies reach them by
+        all-to-all. Call once, on a layer that still holds every expert (plain or tensor-parallel)
+        and was built identically on every EP rank, before an optimizer sees its parameters.
+
+        Routing sums still cover only ``stats_group``: for the global-batch losses under data
+        parallelism set it to the DP group, which contains the EP group (``parallelize`` does)."""
+        E = self.cfg.num_experts
+        if self.ep_group is not None:
+            raise ValueError("this MoELayer is already expert-parallel; apply_ep runs once, on a layer "
+                             "holding every expert")
+        if self.experts.num_experts != E:
+            raise ValueError(f"apply_ep needs all {E} experts on this rank; the layer holds {self.experts.num_experts}")
+        dispatcher = AllToAllDispatcher(E, ep_group)  # refuses an uneven split before anything changes
+        L = dispatcher.num_local_experts
+        self.experts.keep_experts(dispatcher.ep_rank * L, L)
+        self.dispatcher = dispatcher
+        self.ep_group = ep_group
 
     def forward(self, x: Tensor, modality: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
         cfg = self.cfg
