@@ -6,10 +6,13 @@ or, if the peer hangs, only after ``train.collective_timeout_s``; under srun or 
 agent to kill the survivors. Every rank here bumps a counter in the torch store that the process
 group was built on (``hb/<rank>``) and watches one neighbour (rank + 1, a ring, so the store sees
 O(world) requests per interval). A neighbour whose process is gone (same host) or whose counter
-has not moved for ``timeout_s`` is lost: the first rank to notice writes a verdict that every rank
-reads, and a rank that fails with an exception writes one naming itself. The main thread, usually
-woken by a socket error, asks :meth:`Watchdog.diagnose` and raises ``PeerLostError``; if it stays
-stuck, the monitor thread ends the process with ``EXIT_PEER_LOST`` after ``grace_s``.
+has not moved for ``timeout_s`` is lost: the rank that notices writes a verdict at once (it may be
+the only one watching that rank, and about to exit), every rank reads it, and a rank that fails
+with an exception writes one naming itself. The main thread, usually woken by a socket error, asks
+:meth:`Watchdog.diagnose` and raises ``PeerLostError``; if it stays stuck, the monitor thread ends
+the process with ``EXIT_PEER_LOST`` after ``grace_s``. Rank 0 hosts the store, so it leaves last:
+it waits (at most ``2 * interval_s``) until the others have read the verdict, or they would blame
+rank 0 for the vanished store. :func:`stop_bound_s` is how long all this takes at most.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.distributed as dist
 
 from .faults import EXIT_PEER_LOST
 
-__all__ = ["Watchdog", "looks_distributed"]
+__all__ = ["Watchdog", "cadence", "looks_distributed", "stop_bound_s"]
 
 log = logging.getLogger("modalmoe.watchdog")
 
@@ -47,6 +50,30 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def cadence(timeout_s: float, interval_s: float | None = None) -> tuple[float, float]:
+    """The default ``(interval_s, grace_s)`` for a heartbeat timeout: about five checks per timeout,
+    and a grace that lets a main thread woken by a socket error report the verdict itself."""
+    interval = interval_s or max(0.2, min(5.0, timeout_s / 5))
+    return interval, min(10.0, max(2 * interval, timeout_s / 4))
+
+
+def stop_bound_s(timeout_s: float, *, silent: bool, store_host: bool = False) -> float:
+    """The longest time from a rank's loss to the last survivor ending, process teardown aside
+    (README, "When things go wrong"). Its watcher sees it within one interval when its process is
+    gone (same host), or ``timeout_s`` + two intervals after it fell silent (its last beat up to an
+    interval before, seen up to an interval after); the verdict is written at once, every other rank
+    reads it within one interval, and one stuck in a collective ends ``grace_s`` later. Rank 0's
+    wait for the others (≤ 2 intervals) fits in ``grace_s`` (≥ 2 intervals). When the lost rank
+    hosted the store (killed; a silent host is not bounded here), the others blame it once the store
+    failed for three intervals, first seen within one, declared within one more: 5 intervals + grace."""
+    interval, grace = cadence(timeout_s)
+    if store_host:
+        if silent:
+            raise ValueError("no bound for a silent store host: each store call first waits out its own timeout")
+        return 5 * interval + grace
+    return (timeout_s + 3 * interval if silent else 2 * interval) + grace
 
 
 def _exit_process(message: str) -> None:
@@ -82,8 +109,8 @@ class Watchdog:
         self.rank, self.world = rank, world
         self.peer = (rank + 1) % world
         self.timeout_s = timeout_s
-        self.interval_s = interval_s or max(0.2, min(5.0, timeout_s / 5))
-        self.grace_s = grace_s if grace_s is not None else min(10.0, max(2 * self.interval_s, timeout_s / 4))
+        self.interval_s, default_grace = cadence(timeout_s, interval_s)
+        self.grace_s = grace_s if grace_s is not None else default_grace
         client = store.clone() if hasattr(store, "clone") else store
         client.set_timeout(timedelta(seconds=max(5.0, 4 * self.interval_s)))
         self.store = dist.PrefixStore(f"modalmoe/watchdog/{namespace}/", client)
@@ -123,6 +150,7 @@ class Watchdog:
         return self
 
     def stop(self, done: bool = True) -> None:
+        """``done=False``: leaving on an error; with a verdict to tell, the store host stays until it is read."""
         self._stop.set()
         if done:
             try:
@@ -131,6 +159,8 @@ class Watchdog:
                 pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * self.interval_s + 1)
+        if not done and (self.verdict is not None or self._published is not None):
+            self._linger()
 
     def fail(self, reason: str) -> None:
         """This rank is going down with an error: tell the others now rather than after ``timeout_s``."""
@@ -145,7 +175,11 @@ class Watchdog:
             if self.verdict is not None:
                 return self.verdict
             try:
-                msg = self._read_verdict() or self._check_peer()
+                msg = self._read_verdict()
+                if msg is None and (msg := self._check_peer()) is not None:
+                    self._publish(msg)  # now: only this rank watches that peer, and it may be about to exit
+                if msg is not None:
+                    self._count_seen()
                 self._store_failing_since = None
             except Exception as e:  # noqa: BLE001 - any store failure is a finding, not a crash
                 msg = self._store_lost(e)
@@ -196,14 +230,17 @@ class Watchdog:
         return None
 
     def _store_lost(self, exc: Exception) -> str | None:
+        """The store does not answer. Watching its host, this rank sees at once from its pid whether
+        it is gone; any other neighbour found gone now most likely left because the host did."""
         if self._peer_value == _DONE:
             return None
-        try:
-            gone = self._peer_process_gone()
-        except Exception:  # noqa: BLE001
-            gone = None
-        if gone:
-            return gone
+        if self.peer == 0 and not self.agent_store:
+            try:
+                gone = self._peer_process_gone()
+            except Exception:  # noqa: BLE001
+                gone = None
+            if gone:
+                return gone
         now = time.monotonic()
         if self._store_failing_since is None:
             self._store_failing_since = now
@@ -226,6 +263,26 @@ class Watchdog:
             self.store.compare_set("verdict", "", msg)
         except Exception:  # noqa: BLE001, S110 - the store itself may be what was lost
             pass
+
+    def _count_seen(self) -> None:
+        try:
+            self.store.add("seen", 1)
+        except Exception:  # noqa: BLE001, S110 - the store host then waits out its deadline
+            pass
+
+    def _linger(self) -> None:
+        """Rank 0 hosts the store (unless torchrun's agent does): keep it up until every other rank but
+        the lost one has read the verdict, at most ``2 * interval_s`` (each reads within one)."""
+        if self.agent_store or self.rank != 0:
+            return
+        deadline = time.monotonic() + 2 * self.interval_s
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add("seen", 0) >= self.world - 1:
+                    return
+            except Exception:  # noqa: BLE001 - nobody can read it then
+                return
+            time.sleep(0.02)
 
     def _learn_peer(self) -> None:
         """The neighbour's pid, as soon as it is published: if the neighbour is rank 0 and dies, the
@@ -253,8 +310,6 @@ class Watchdog:
             msg = self.check()
             if msg is None:
                 continue
-            if not msg.startswith(f"rank {self.rank} failed"):
-                self._publish(msg)
             log.error("%s", msg)
             if self._stop.wait(self.grace_s):
                 return  # the main thread saw it too and is handling it

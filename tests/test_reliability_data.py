@@ -5,6 +5,7 @@ over the data-parallel replicas."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -61,6 +62,28 @@ def test_training_finishes_past_every_kind_of_bad_data_and_counts_it(broken, tok
     assert last["step"] == 12
     for reason, at_least in {"bad_image": 2, "missing_caption": 1, "empty_caption": 1, "bad_utf8": 1, "bad_shard": 3}.items():
         assert last.get(f"data/bad/{reason}", 0) >= at_least, (reason, last)
+
+
+def test_unreadable_shards_are_warned_about_once_and_counted_once(tokenizer, tmp_path, caplog):
+    """60 steps (7.5 epochs, 2 workers restarted each epoch) over three unreadable tars: three
+    warnings with a running count, and ``data/bad/bad_shard`` 3 at every log step from the first."""
+    shards = tmp_path / "shards"  # urls of its own: each is warned about once per process
+    shards.mkdir()
+    write_broken_shards(shards)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="modalmoe.data"):
+        rc = main(["train", "--set", *TINY, f"data.train_shards=['{shards}/s*.tar']", f"data.tokenizer={tokenizer}",
+                   "data.num_workers=2", "data.max_bad_fraction=0.9", "train.steps=60", "train.log_every=20",
+                   f"train.run_dir={run}"])
+    assert rc == 0
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable shard")]
+    assert len(warned) == 3, warned
+    names = sorted(w.split()[3].rstrip(":").rsplit("/", 1)[-1] for w in warned)
+    assert names == ["s2-cut.tar", "s3-zero.tar", "s4-notar.tar"], warned
+    ordinals = [int(w.split("(unreadable shard ")[1].split()[0]) for w in warned]  # a running count
+    assert ordinals == list(range(ordinals[0], ordinals[0] + 3)), warned
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("data/bad/bad_shard")) for r in rows if r["split"] == "train"] == [(20, 3), (40, 3), (60, 3)]
 
 
 def test_mostly_broken_data_stops_the_job_with_a_clear_error(mostly_broken, tokenizer, tmp_path):

@@ -22,6 +22,11 @@ def store(tmp_path):
     return dist.FileStore(str(tmp_path / "store"), 2)
 
 
+@pytest.fixture
+def store_of_3(tmp_path):
+    return dist.FileStore(str(tmp_path / "store"), 3)
+
+
 def _pair(store, timeout_s=2.0, grace_s=0.2):
     lost: dict[int, list[str]] = {0: [], 1: []}
     dogs = [
@@ -113,3 +118,75 @@ def test_a_lost_store_is_blamed_on_whoever_hosts_it(agent_store):
     want = "the launcher's rendezvous store is unreachable" if agent_store else "rank 0 lost: the rendezvous store it hosts is unreachable"
     assert verdict is not None and verdict.startswith(want), verdict
     assert not lost
+
+
+def test_a_verdict_the_main_thread_finds_reaches_ranks_that_do_not_watch_the_lost_one(store_of_3):
+    """Rank 2 of 3 dies; only rank 1 watches it, and rank 1's main thread (woken by a socket error)
+    finds it first and stops its watchdog to raise: the verdict must be in the store by then, or
+    rank 0 would never hear why."""
+    store = store_of_3
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lost: list[str] = []
+    # intervals long enough that no monitor thread looks again during the test
+    dogs = [Watchdog(store, r, 3, timeout_s=60.0, interval_s=30.0, grace_s=60.0, on_lost=lost.append) for r in (0, 1)]
+    dogs[1].store.set("who/2", f"{dogs[1].host} {child.pid}")
+    dogs[1].store.set("hb/2", "1")
+    for d in dogs:
+        d.start()
+    time.sleep(0.3)
+    child.kill()
+    child.wait()
+    verdict = f"rank 2 lost: its process (pid {child.pid} on {dogs[1].host}) is gone"
+    assert dogs[1].diagnose() == verdict
+    dogs[1].stop(done=False)
+    assert dogs[0].diagnose() == verdict
+    dogs[0].stop(done=False)  # the store host: both ranks that can read it have
+    assert not lost
+
+
+def test_the_store_host_leaves_only_once_the_others_read_the_verdict(store_of_3):
+    """Rank 0 hosts the store: leaving on a verdict, it waits (≤ 2 intervals) until every other live
+    rank has read it, or they would find the store gone and blame rank 0 instead."""
+    lost: list[str] = []
+    dogs = [Watchdog(store_of_3, r, 3, timeout_s=30.0, interval_s=0.5, grace_s=30.0, on_lost=lost.append) for r in range(3)]
+    for d in dogs[:2]:
+        d.start()
+    time.sleep(0.2)
+    dogs[2].fail("BadDataError: 8 of 8 samples were bad")
+    assert dogs[0].diagnose() == "rank 2 failed: BadDataError: 8 of 8 samples were bad"
+    t0 = time.monotonic()
+    dogs[0].stop(done=False)
+    assert dogs[1].verdict == "rank 2 failed: BadDataError: 8 of 8 samples were bad"
+    assert time.monotonic() - t0 < 2 * 0.5 + 0.5
+    dogs[1].stop()
+    # the same with nobody left to read it (a job of its own, in its own namespace): 2 intervals at most
+    alone = Watchdog(store_of_3, 0, 3, timeout_s=30.0, interval_s=0.5, grace_s=30.0, on_lost=lost.append, namespace="alone")
+    alone.start()
+    Watchdog(store_of_3, 2, 3, timeout_s=30.0, namespace="alone").fail("BadDataError: 8 of 8 samples were bad")
+    assert alone.diagnose() is not None
+    t0 = time.monotonic()
+    alone.stop(done=False)
+    assert 2 * 0.5 - 0.1 <= time.monotonic() - t0 < 2 * 0.5 + 0.5
+    assert lost == []
+
+
+def test_with_the_store_gone_a_vanished_neighbour_is_not_blamed_but_the_store_host(tmp_path):
+    """Rank 0 (the store host) dies and rank 2 exits because of it: rank 1, watching 2, must name rank 0."""
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", _STORE_HOST, str(port)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        dog = Watchdog(store, 1, 3, timeout_s=30.0, interval_s=0.2, grace_s=60.0, on_lost=lambda m: None)
+        dog.store.set("who/2", f"{dog.host} {child.pid}")
+        dog.start()
+        time.sleep(0.5)  # it has learnt rank 2's pid
+    finally:
+        host.kill()
+        host.wait()
+        child.kill()
+        child.wait()
+    verdict = dog.diagnose(wait_s=30)
+    dog.stop(done=False)
+    assert verdict is not None and verdict.startswith("rank 0 lost: the rendezvous store it hosts is unreachable"), verdict

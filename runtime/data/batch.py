@@ -26,7 +26,9 @@ class Batch:
     """Stream layout per sample: positions [0, P) are image patches, [P, P+L) are text tokens.
 
     ``bad_counts`` holds the skips (reason -> count) the producing worker saw since its previous
-    batch; ``worker``/``raw_consumed`` let the loader record an exact resume point.
+    batch, and ``bad_shards`` the unreadable shards it met first since then (url -> error); the
+    loader turns those into ``bad_counts["bad_shard"]``, the distinct shards it counts first with
+    this batch. ``worker``/``raw_consumed`` let the loader record an exact resume point.
     """
 
     patches: torch.Tensor  # [B, P, patch_dim] float32
@@ -36,6 +38,7 @@ class Batch:
     mask: torch.Tensor  # [B, P+L] bool, True on every image token and real text token
     keys: list[str]
     bad_counts: dict[str, int] = field(default_factory=dict)
+    bad_shards: dict[str, str] = field(default_factory=dict)
     worker: int = 0
     raw_consumed: int = 0
 

@@ -2,6 +2,8 @@
 
 Its state is (epoch, batches yielded this epoch, raw samples each worker had consumed at its last
 batch); resuming hands those to the stream, which rebuilds itself and skips what was consumed.
+The state also carries the bad-data counts and the unreadable shards counted so far, so that a
+resumed run does not count a shard again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..config import ConfigError, check
 from ..cpu_affinity import worker_init_fn
 from .batch import Batch
 from .config import DataConfig
-from .counts import BAD_REASONS, check_bad_fraction
+from .counts import BAD_REASONS, BadShards, check_bad_fraction
 from .pipeline import SampleStream
 from .shards import expand_shards
 from .tokenizer import Tokenizer
@@ -49,6 +51,7 @@ class ShardLoader:
         self.raw_consumed = [0] * stream.num_streams
         self.good_samples = 0
         self._bad: Counter[str] = Counter()
+        self._bad_shards = BadShards(stream.owns)
 
     @property
     def epoch_batches(self) -> int | None:
@@ -63,7 +66,8 @@ class ShardLoader:
         return True
 
     def bad_counts(self) -> dict[str, int]:
-        """Skipped samples/shards by reason since the start of training (restored on resume)."""
+        """Skipped samples, and distinct unreadable shards (``bad_shard``: each counted once, on
+        its owning dp rank, however many passes and epochs meet it), since the start of training."""
         return {r: self._bad[r] for r in BAD_REASONS}
 
     def _batches(self, limit: int | None) -> Iterator[Batch]:
@@ -113,6 +117,10 @@ class ShardLoader:
         self.epoch += 1
 
     def _account(self, batch: Batch) -> None:
+        new_shards = self._bad_shards.add(batch.bad_shards)
+        batch.bad_counts = {k: n for k, n in batch.bad_counts.items() if k != "bad_shard"}
+        if new_shards:
+            batch.bad_counts["bad_shard"] = new_shards
         self.good_samples += batch.size
         self._bad.update(batch.bad_counts)
         check_bad_fraction(
@@ -152,6 +160,7 @@ class ShardLoader:
             "raw_consumed": list(self.raw_consumed),
             "good_samples": self.good_samples,
             "bad_counts": dict(self._bad),
+            "bad_shards": self._bad_shards.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -163,6 +172,7 @@ class ShardLoader:
             )
         self.good_samples = int(state["good_samples"])
         self._bad = Counter({k: int(v) for k, v in state["bad_counts"].items()})
+        self._bad_shards.restore(state.get("bad_shards", ()))
         self.epoch = int(state["epoch"])
         changed = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if changed:

@@ -6,6 +6,11 @@ tensor-parallel ranks of one replica (same dp_rank) see identical batches, and a
 record how far each worker had read (:mod:`.loader` keeps that position): the stream skips the
 consumed raw samples *before* decoding, and its worker ids rotate so torch's round-robin over
 workers continues with the worker that owes the next batch.
+
+Split by shards, a dp rank always reads the same shards (``urls[dp_rank::dp_size]``), whatever the
+pass or epoch, so each shard has one reader (and one rank that counts it if it is unreadable).
+Shares may be uneven, but a training stream is endless passes over its share and an epoch is a
+fixed number of batches on every rank, so all ranks end an epoch after the same step.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def split_plan(num_shards: int, dp_size: int, num_workers: int, resampled: bool 
         return SplitPlan("seed", "seed")
     if num_shards < dp_size:
         return SplitPlan("samples", "samples")
+    # the smallest rank's share decides whether its workers can split shards too
     return SplitPlan("shards", "shards" if num_shards // dp_size >= num_workers else "samples")
 
 
@@ -112,6 +118,14 @@ class SampleStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.worker_offset = 0
         self.skip: list[int] = [0] * self.num_streams
+        self._index = {u: i for i, u in enumerate(urls)}
+
+    def owns(self, url: str) -> bool:
+        """Whether this dp rank counts ``url`` as bad: every shard has one owner, the rank that reads
+        it when splitting by shards (``index % dp_size``), so the counts sum over ranks without repeats.
+        A url not in the list (a pipe's error) counts where it was met."""
+        i = self._index.get(url)
+        return i is None or i % self.dp_size == self.dp_rank
 
     def _worker(self) -> int:
         """This worker's logical id: the physical id rotated by the resume offset."""
@@ -130,14 +144,15 @@ class SampleStream(torch.utils.data.IterableDataset):
                 worker_seed=lambda: make_seed(epoch, self.dp_rank, worker),
                 deterministic=True,
             )
+        mine = self.urls[self.dp_rank :: self.dp_size] if self.plan.dp == "shards" else self.urls
         if not self.train:
-            return wds.SimpleShardList(self.urls)
+            return wds.SimpleShardList(mine)
 
-        # Endless passes, reshuffled identically on every rank each pass; the dp/worker slices that
-        # follow partition the concatenated stream, so ranks never share a shard within a pass.
+        # Endless passes over this rank's shards, reshuffled each pass (identically on every rank when
+        # ranks split samples); the worker slices that follow partition the concatenated stream.
         def passes() -> Iterator[dict]:
             for p in itertools.count():
-                yield from wds.SimpleShardList(self.urls, seed=make_seed(cfg.seed, epoch, p))
+                yield from wds.SimpleShardList(mine, seed=make_seed(cfg.seed, epoch, p))
 
         return passes
 
@@ -145,8 +160,6 @@ class SampleStream(torch.utils.data.IterableDataset):
         cfg, plan, n = self.cfg, self.plan, self.num_streams
         errors = ShardErrors(counter, self.urls)
         stages: list[Any] = [self._shard_source(worker)]
-        if plan.dp == "shards" and self.dp_size > 1:
-            stages.append(wds.slice(self.dp_rank, None, self.dp_size))
         if plan.worker == "shards" and n > 1:
             stages.append(wds.slice(worker, None, n))
         stages += [
@@ -204,11 +217,13 @@ class SampleStream(torch.utils.data.IterableDataset):
         if held is not None:
             for reason, n in counter.take_delta().items():
                 held.bad_counts[reason] = held.bad_counts.get(reason, 0) + n
+            held.bad_shards.update(counter.take_shards())
             yield held
 
     def _batch(self, samples: list, counter: SampleCounter, worker: int, pad_to: int | None) -> Batch:
         batch = collate(samples, self.tokenizer.pad_id, pad_to)
         batch.bad_counts = counter.take_delta()
+        batch.bad_shards = counter.take_shards()
         batch.worker = worker
         batch.raw_consumed = counter.raw
         return batch
