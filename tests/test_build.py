@@ -3,11 +3,11 @@ binding's includes. Nothing here compiles; csrc/check_cuda_compiles.sh does that
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from path_import import import_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC_13 = (
@@ -18,14 +18,7 @@ NVCC_13 = (
 NVCC_12 = "Cuda compilation tools, release 12.8, V12.8.93\nBuild cuda_12.8.r12.8/compiler.35583870_0\n"
 
 
-def _load_build_checks():
-    spec = importlib.util.spec_from_file_location("modalmoe_build_checks", ROOT / "csrc" / "build_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = _load_build_checks()
+bc = import_path(ROOT / "csrc" / "build_checks.py", "modalmoe_build_checks")
 
 
 def test_cpu_torch_builds_cpu_only_quietly() -> None:

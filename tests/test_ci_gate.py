@@ -3,26 +3,19 @@ run that ran no test fails the gate, and a required dependency's importorskip fa
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from path_import import import_path
 import required_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_gate():
-    spec = importlib.util.spec_from_file_location("pytest_gate", ROOT / ".ci" / "pytest_gate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gate = _load_gate()
+gate = import_path(ROOT / ".ci" / "pytest_gate.py", "pytest_gate")
 
 
 def _ci_run_commands() -> tuple[str, str]:
