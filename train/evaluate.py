@@ -59,17 +59,17 @@ def evaluate(
             break
     n_loss = dp_min(min(len(collected), max_batches))
     n_pool = dp_min(min(pooled, retrieval_size))
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    n_tokens = torch.zeros((), dtype=torch.float64)
+    # sums stay on the device and the unigram counts come from the host batches: no sync per batch
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = torch.zeros((), dtype=torch.float64, device=device)
     token_counts = torch.zeros(vocab_size, dtype=torch.float64)
     for batch in collected[:n_loss]:
-        batch = batch.to(device)
-        with _autocast(device, dtype):
-            out = model(batch)
-        nll_sum += out.caption_nll_sum.double().cpu()
-        n_tokens += out.num_text_tokens.double().cpu()
         targets = batch.text[:, 1:][batch.text_mask[:, 1:]]
         token_counts += torch.bincount(targets.cpu(), minlength=vocab_size)[:vocab_size].double()
+        with _autocast(device, dtype):
+            out = model(batch.to(device, non_blocking=True))
+        nll_sum += out.caption_nll_sum.double()
+        n_tokens += out.num_text_tokens.double()
     nll_sum, n_tokens, token_counts = dp_sum(nll_sum), dp_sum(n_tokens), dp_sum(token_counts)
     if float(n_tokens) == 0:
         raise RuntimeError("the evaluation data yielded no caption tokens: check data.eval_shards")
