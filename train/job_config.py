@@ -38,7 +38,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     tf32: bool = True  # on CUDA, float32 matmuls and convolutions may use TF32 tensor cores
-    # dense peak TFLOP/s per GPU for the mfu metric: None = look it up by GPU name (runtime/flops.py), 0 = no mfu
+    # dense peak TFLOP/s per GPU for the mfu metric: None = look it up by GPU name (train/flops.py), 0 = no mfu
     peak_tflops: float | None = None
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
