@@ -31,20 +31,10 @@ def permute(
     check_permute_args(x_TH, topk_idx_Tk, num_experts, pad_multiple, capacity)
     if not extension.use_kernels(x_TH, "permute_rows"):
         return reference.permute_reference(x_TH, topk_idx_Tk, num_experts, pad_multiple=pad_multiple, capacity=capacity)
-    x_perm_RH, counts, padded, offsets, row_of, src_slot, dropped = torch.ops.modalmoe.permute_rows(
+    x_perm_RH, *plan = torch.ops.modalmoe.permute_rows(
         x_TH, topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity
     )
-    plan = PermutePlan(
-        counts=counts,
-        padded_counts=padded,
-        offsets=offsets,
-        row_of=row_of,
-        src_slot=src_slot,
-        dropped=dropped,
-        num_tokens=topk_idx_Tk.shape[0],
-        top_k=topk_idx_Tk.shape[1],
-    )
-    return x_perm_RH, plan
+    return x_perm_RH, PermutePlan.from_op(plan, topk_idx_Tk)
 
 
 def build_plan(
@@ -54,11 +44,8 @@ def build_plan(
     check_plan_args(topk_idx_Tk, num_experts, pad_multiple, capacity)
     if not extension.use_kernels(topk_idx_Tk, "build_plan"):
         return reference.plan_reference(topk_idx_Tk, num_experts, pad_multiple=pad_multiple, capacity=capacity)
-    counts, padded, offsets, row_of, src_slot, dropped = torch.ops.modalmoe.build_plan(
-        topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity
-    )
-    return PermutePlan(counts=counts, padded_counts=padded, offsets=offsets, row_of=row_of, src_slot=src_slot,
-                       dropped=dropped, num_tokens=topk_idx_Tk.shape[0], top_k=topk_idx_Tk.shape[1])
+    plan = torch.ops.modalmoe.build_plan(topk_idx_Tk, num_experts, pad_multiple, -1 if capacity is None else capacity)
+    return PermutePlan.from_op(plan, topk_idx_Tk)
 
 
 def gather_rows(

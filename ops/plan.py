@@ -22,6 +22,11 @@ class PermutePlan:
     num_tokens: int
     top_k: int
 
+    @classmethod
+    def from_op(cls, tensors, topk_idx_Tk: torch.Tensor) -> PermutePlan:
+        """The plan from the six tensors ``modalmoe::build_plan`` returns (``permute_rows`` after its rows)."""
+        return cls(*tensors, num_tokens=topk_idx_Tk.shape[0], top_k=topk_idx_Tk.shape[1])
+
     @property
     def num_experts(self) -> int:
         return self.counts.shape[0]
