@@ -52,6 +52,13 @@ class TrainConfig:
     tensorboard: bool = True
     report: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # recompute activations in backward instead of keeping them: none | moe (the MoE FFNs) |
+    # attention (the attention sublayers) | full (whole blocks); models/activation_checkpoint.py
+    activation_checkpointing: Literal["none", "moe", "attention", "full"] = "none"
+    # refuse to start a job the memory planner (train/memory_plan.py) predicts cannot fit one rank's
+    # device memory; 0 = the device's own (CUDA: its memory; CPU: available RAM / ranks on this node)
+    device_memory_gb: float = 0.0
+    check_memory: bool = True
     cpu_keep_freed_memory: bool = True  # on CPU, glibc keeps freed blocks for reuse (runtime/cpu_memory.py)
     # faults (README "When things go wrong")
     collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (gloo/NCCL timeout)
@@ -90,6 +97,8 @@ class TrainConfig:
         check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
         check(0 <= self.collapse_share < 1, f"{p}.collapse_share", f"must be in [0, 1) (0 = no alarm), got {self.collapse_share}")
         check(self.collapse_window >= 1, f"{p}.collapse_window", f"must be >= 1 step, got {self.collapse_window}")
+        check(self.device_memory_gb >= 0, f"{p}.device_memory_gb",
+              f"must be >= 0 (0 = the device's own memory), got {self.device_memory_gb}")
         check(
             self.peak_tflops is None or self.peak_tflops >= 0,
             f"{p}.peak_tflops",

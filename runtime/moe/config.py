@@ -48,6 +48,11 @@ class MoEConfig:
     drop_policy: Literal["position", "probability"] = "position"
     # expert-choice budget: each expert takes ceil(cf * T * top_k / E) tokens
     expert_choice_capacity_factor: float = 1.0
+    # dropless imbalance guard: warn (once per layer and expert) when one expert receives more than
+    # this multiple of the mean rows per expert in a step (0 = never); with imbalance_cap_ratio set,
+    # rows beyond that multiple of the mean are dropped (counted as dropped) instead of computed
+    imbalance_warn_ratio: float = 4.0
+    imbalance_cap_ratio: float | None = None
 
     num_shared_experts: int = 0
     shared_ffn_hidden_size: int | None = None
@@ -121,6 +126,10 @@ class MoEConfig:
             v = getattr(self, name)
             check(v is None or v > 0, f"{p}.{name}", f"must be > 0 or null (dropless), got {v}")
         check(self.expert_choice_capacity_factor > 0, f"{p}.expert_choice_capacity_factor", "must be > 0")
+        check(self.imbalance_warn_ratio == 0 or self.imbalance_warn_ratio >= 1, f"{p}.imbalance_warn_ratio",
+              f"must be 0 (no warning) or >= 1 (a multiple of the mean rows per expert), got {self.imbalance_warn_ratio}")
+        check(self.imbalance_cap_ratio is None or self.imbalance_cap_ratio >= 1, f"{p}.imbalance_cap_ratio",
+              f"must be null (no cap) or >= 1 (a multiple of the mean rows per expert), got {self.imbalance_cap_ratio}")
         check(self.num_shared_experts >= 0, f"{p}.num_shared_experts", "must be >= 0")
         for name in (
             "lb_coef", "lb_modality_coef", "z_loss_coef", "limoe_local_coef", "limoe_global_coef",
