@@ -25,6 +25,8 @@ __all__ = ["collect", "mean_std", "HEADLINE"]
 # (key in a run record, column title, lower is better?)
 HEADLINE = [
     ("caption_loss", "eval caption loss", True),
+    ("image_ablated_loss", "loss w/ other images", True),  # the caption-only baseline (train/evaluate.py)
+    ("image_explained_loss", "loss the image explains", False),
     ("retrieval_r1", "R@1", False),
     ("spec", "spec. index", False),
     ("cv_image", "CV image", True),
@@ -109,6 +111,7 @@ def _run_record(runs: _Runs, arm: str, seed: int) -> dict | None:
         "arm": arm, "seed": seed, "data": own, "steps": a["step"],
         "caption_loss": ev.get("caption_loss"), "retrieval_r1": ev.get("retrieval_r1"),
         "retrieval_r5": ev.get("retrieval_r5"), "unigram_loss": ev.get("unigram_loss"),
+        "image_ablated_loss": ev.get("image_ablated_loss"), "image_explained_loss": ev.get("image_explained_loss"),
         "spec": float(np.mean([lay["specialisation"] for lay in layers])),
         "spec_layers": [lay["specialisation"] for lay in layers],
         "wall_s": a.get("timing", {}).get("train_s"),

@@ -45,7 +45,7 @@ def test_train_writes_the_run_folder_and_learns(demo_dir, tmp_path):
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5]
     ev = evals[-1]
-    for key in ["caption_loss", "perplexity", "unigram_loss", "retrieval_r1", "retrieval_r5", "retrieval_chance_r1"]:
+    for key in ["caption_loss", "perplexity", "unigram_loss", "image_ablated_loss", "image_explained_loss", "retrieval_r1", "retrieval_r5", "retrieval_chance_r1"]:
         assert key in ev
     report = (run / "routing_report.md").read_text()
     assert "| layer | modality |" in report and "| image |" in report and "| text |" in report

@@ -225,8 +225,10 @@ class Trainer:
         self.metrics.write(self.step, "eval", result)
         if self.is_main:
             log.info(
-                "eval at step %d: caption loss %.3f (unigram baseline %.3f), retrieval R@1 %.3f R@5 %.3f (chance %.3f / %.3f)",
-                self.step, result["caption_loss"], result["unigram_loss"], result.get("retrieval_r1", float("nan")),
+                "eval at step %d: caption loss %.3f (baselines: unigram %.3f, other images %.3f), "
+                "retrieval R@1 %.3f R@5 %.3f (chance %.3f / %.3f)",
+                self.step, result["caption_loss"], result["unigram_loss"], result["image_ablated_loss"],
+                result.get("retrieval_r1", float("nan")),
                 result.get("retrieval_r5", float("nan")), result.get("retrieval_chance_r1", float("nan")),
                 result.get("retrieval_chance_r5", float("nan")),
             )
