@@ -2,8 +2,11 @@
 layer's own :meth:`~modalmoe.runtime.moe.layer.MoELayer.apply_ep`), then the parameter marks
 DeepSpeed reads.
 
-Building the whole model with one seed everywhere and then slicing it gives every layout the same
-initial weights as the single-process run, which is what the parity tests compare against.
+Every layout starts from the single-process weights, which is what the parity tests compare
+against. :func:`build_local_model` gets there without the whole model: it builds on the meta device,
+shards there (TP rewrite, ``apply_ep``), then allocates only this rank's shards and fills each from
+the per-parameter init (or a consolidated checkpoint's slices), equal to the slices of the
+single-process tensors. ``meta=False`` is the reference: the whole model on every rank, then sliced.
 
 Tensor parallelism follows the model's ``tp_plan()``. What is sharded over the TP group:
 - attention: q/k/v column-parallel (whole heads per rank: each rank runs num_heads/W of them),
@@ -19,8 +22,8 @@ and without ``expert_tp`` the whole MoE layer. Every TP rank sees the same token
 make activations and gradients outside the TP regions identical, so replicated parameters get
 identical gradients and stay in step; a data-parallel all-reduce must not also run over TP ranks.
 
-Every TP rank must have built the model from the same seed (the shards are cut from the full
-weights) and must keep drawing the same random numbers (dropout, noisy routing) on replicated data.
+Every TP rank must have built the model from the same seed and must keep drawing the same random
+numbers (dropout, noisy routing) on replicated data.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.distributed import ProcessGroup
 
 from ..runtime.config import check
 from ..runtime.deepspeed_groups import expert_group_name, mark_expert_params
+from ..runtime.materialize import materialize
 from ..runtime.moe.experts import MLP
 from ..runtime.moe.layer import MoELayer, moe_layers
 from ..runtime.parallel_state import ParallelState
@@ -42,9 +46,9 @@ from ..runtime.tensor_parallel.sharding import TPSharded
 from ..runtime.tensor_parallel.state_dict import tp_shard_specs
 from .attention import Attention
 from .config import ModelConfig
-from .transformer import MultimodalTransformer, TPStyle
+from .transformer import MultimodalTransformer, TPStyle, build_model
 
-__all__ = ["parallelize", "parallelize_model", "check_tp_divisibility", "REPLICATED"]
+__all__ = ["parallelize", "parallelize_model", "build_local_model", "check_tp_divisibility", "REPLICATED"]
 
 REPLICATED = frozenset({"embed.tokens", "lm_head"})  # in tp_plan(), but kept whole on purpose
 
@@ -174,4 +178,38 @@ def parallelize(model: nn.Module, state: ParallelState, expert_tp: bool = False)
             layer.apply_ep(state.ep_group)
         layer.stats_group = state.dp_group if dp > 1 else None
         mark_expert_params(layer.experts, expert_group_name(state))
+    return model
+
+
+def build_local_model(
+    cfg: ModelConfig,
+    state: ParallelState | None,
+    *,
+    expert_tp: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    weights=None,
+    meta: bool = True,
+) -> MultimodalTransformer:
+    """This rank's model for ``state``'s layout (None: one process), on ``device``, holding only its
+    own TP shards and EP experts plus the replicated parts; the values are the slices of
+    ``build_model(cfg, seed)``. ``weights``: an object with ``load_into(model)`` that fills a model of
+    any layout from a full checkpoint by slices (``runtime.consolidate.Consolidated``) instead of the
+    init. ``meta=False`` builds the whole model first and slices it (the reference path)."""
+    if not meta:
+        model = build_model(cfg, seed=seed, device="cpu")
+        if weights is not None:
+            weights.load_into(model)
+        if state is not None:
+            parallelize(model, state, expert_tp=expert_tp)
+        return model.to(device)
+    with torch.device("meta"):
+        model = MultimodalTransformer(cfg, seed=seed)
+    if state is not None:
+        parallelize(model, state, expert_tp=expert_tp)
+    materialize(model, device)
+    if weights is None:
+        model.reset_parameters()
+    else:
+        weights.load_into(model)
     return model

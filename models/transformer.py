@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime.materialize import init_parameters, materialize
 from ..runtime.modality import IMAGE, TEXT
+from ..runtime.param_init import Init, constant, draw_seed, normal
 from .block import TransformerBlock
 from .config import ModelConfig
 from .embedding import MultimodalEmbedding
@@ -73,11 +75,16 @@ def _image_mask(patches_BPC: Tensor, mask_BS: Tensor | None) -> Tensor:
 
 class MultimodalTransformer(nn.Module):
     """Patches and caption tokens in one pre-norm transformer; every ``moe_every``-th FFN is a MoE
-    layer that sees each token's modality. Trained to caption (prefix-LM) and optionally to align."""
+    layer that sees each token's modality. Trained to caption (prefix-LM) and optionally to align.
 
-    def __init__(self, cfg: ModelConfig):
+    Weights come from ``seed`` (drawn from torch's global generator when None), one generator per
+    parameter (see :meth:`reset_parameters`). Built under ``torch.device("meta")`` nothing is
+    allocated or drawn: :func:`build_model` and ``models.parallelize.build_local_model`` materialise it."""
+
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.init_seed = draw_seed() if seed is None else int(seed)
         D = cfg.hidden_size
         self.embed = MultimodalEmbedding(cfg)
         self.embed_drop = nn.Dropout(cfg.dropout)
@@ -92,22 +99,51 @@ class MultimodalTransformer(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
         else:
             self.image_proj = self.text_proj = self.logit_scale = None
-        self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
+        self.init_plan = self._init_plan()  # by full name: names survive the TP rewrite and EP
+        if not self.lm_head.weight.is_meta:
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def _init_plan(self) -> dict[str, Init]:
         """Normal(0, init_std) for our linears and embeddings, residual-output projections scaled by
-        1/sqrt(2·num_layers) (GPT-2); MoE layers initialise themselves from ``moe.init_std``."""
+        1/sqrt(2·num_layers) (GPT-2), norms at 1; MoE layers name their own rules (``param_inits``,
+        from ``moe.init_std``). Tied weights appear once, under the embedding's name."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         moe_prefixes = tuple(f"layers.{i}.ffn." for i, block in enumerate(self.layers) if block.is_moe)
+        plan: dict[str, Init] = {}
         for name, module in self.named_modules():
             if (name + ".").startswith(moe_prefixes):
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith((".wo", ".down"))
-                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                for local, rule in (module.param_inits() if hasattr(module, "param_inits") else {}).items():
+                    plan[f"{name}.{local}"] = rule
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                plan[f"{name}.weight"] = normal(out_std if name.endswith((".wo", ".down")) else std)
+            elif isinstance(module, RMSNorm):
+                plan[f"{name}.weight"] = constant(1.0)
+        if self.logit_scale is not None:
+            plan["logit_scale"] = constant(math.log(1 / 0.07))
+        names = [n for n, _ in self.named_parameters()]
+        missing = [n for n in names if n not in plan]
+        if missing:
+            raise TypeError(f"no init rule for {missing}; name one in MultimodalTransformer._init_plan or the "
+                            "module's param_inits()")
+        return {n: plan[n] for n in names}
+
+    def reset_parameters(self) -> None:
+        """Every parameter from ``init_plan`` and ``init_seed``, each with its own generator: the
+        values do not depend on build order, and a sharded or expert-parallel copy of this model
+        (materialised from the meta device) holds exactly the slices of these tensors."""
+        init_parameters(self, self.init_plan, self.init_seed)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The rotary tables, recomputed in place (``materialize`` calls this after a meta build)."""
+        if self.rotary is not None:
+            with torch.device("cpu"):
+                fresh = Rotary(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            for name, buf in fresh.named_buffers():
+                getattr(self.rotary, name).copy_(buf)
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -293,6 +329,14 @@ class MultimodalTransformer(nn.Module):
         return plan
 
 
-def build_model(cfg: ModelConfig) -> MultimodalTransformer:
-    """The model a validated ``cfg`` describes, on the default device with fresh weights."""
-    return MultimodalTransformer(cfg)
+def build_model(cfg: ModelConfig, seed: int | None = None, device: torch.device | str | None = None) -> MultimodalTransformer:
+    """The whole model a validated ``cfg`` describes, on ``device`` (default: torch's default device)
+    with weights from ``seed`` (None: drawn from the global generator). Built on the meta device and
+    then allocated once; ``device="meta"`` returns it unallocated (shapes, counts, sharding plans)."""
+    with torch.device("meta"):
+        model = MultimodalTransformer(cfg, seed=seed)
+    if device is not None and torch.device(device).type == "meta":
+        return model
+    materialize(model, device if device is not None else torch.get_default_device())
+    model.reset_parameters()
+    return model

@@ -4,8 +4,9 @@ A training checkpoint holds one file per rank (TP shards, this EP rank's experts
 manifest, the layout and how every parameter is split. ``consolidate`` writes the full model as
 ``model.safetensors`` (and, when the optimizer kept per-parameter state, its Adam moments as
 ``optimizer.safetensors``) plus ``config.yaml`` and ``trainer.json``; ``train.init_from`` starts a
-run of any layout from that folder. The optimizer moments are sharded by building a throwaway
-full model whose "weights" are the moments and putting it through the same ``parallelize``.
+run of any layout from that folder, reading it through :class:`Consolidated`: each rank reads only
+its own slices of every tensor (safetensors slicing, by the placements of its already sharded
+model), the Adam moments sharded exactly like the weights, so no rank ever holds the whole file.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointManager
+from .materialize import placements, read_local
 from .parallel_state import Layout
 from .tensor_parallel import ShardSpec
 
-__all__ = ["consolidate", "shard_layout_meta", "named_optimizer_state", "load_consolidated", "MOMENTS"]
+__all__ = ["consolidate", "shard_layout_meta", "named_optimizer_state", "load_consolidated", "Consolidated", "MOMENTS"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -96,14 +99,62 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]] | None, dict]:
-    """Returns (full model state, {moment: full state-shaped dict} or None, trainer info)."""
-    p = Path(path)
+def _check_folder(p: Path) -> None:
     if not (p / "model.safetensors").is_file():
         raise CheckpointError(
             f"config field `train.init_from`: {p} has no model.safetensors; point it at a folder written by "
             "`modalmoe checkpoint consolidate CHECKPOINT --out FOLDER`"
         )
+
+
+class Consolidated:
+    """A consolidated folder, read by slices: :meth:`load_into` fills a model of any layout (sharded
+    or not, materialised) with its own slices of the weights, :meth:`moments` gives its slices of
+    Adam's moments; nothing else of the files is read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        _check_folder(self.path)
+        self.info = json.loads((self.path / "trainer.json").read_text())
+        self.has_moments = bool(self.info.get("optimizer")) and (self.path / "optimizer.safetensors").is_file()
+
+    def _read(self, f, key: str, place, local: torch.Tensor) -> torch.Tensor:
+        try:
+            return read_local(f, key, place, local)
+        except ValueError as e:
+            raise CheckpointError(f"train.init_from {self.path}: {e}") from None
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module) -> None:
+        """Copy this rank's slice of every entry of ``model.state_dict()`` from model.safetensors;
+        strict: the file's names must be exactly the model's."""
+        state = model.state_dict(keep_vars=True)
+        places = placements(model)
+        with safe_open(str(self.path / "model.safetensors"), "pt", device="cpu") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(state) - keys), sorted(keys - set(state))
+            if missing or unexpected:
+                raise CheckpointError(f"train.init_from {self.path}: the checkpoint does not fit this model "
+                                      f"(missing {missing[:5]}, unexpected {unexpected[:5]}); check model: in the config")
+            for name, t in state.items():
+                t.copy_(self._read(f, name, places[name], t))
+
+    def moments(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Parameter name → {exp_avg, exp_avg_sq: this rank's slice, step}, for ``model``'s layout."""
+        places = placements(model)
+        out = {}
+        with safe_open(str(self.path / "optimizer.safetensors"), "pt", device="cpu") as f:
+            for name, p in model.named_parameters():
+                out[name] = {k: self._read(f, f"{k}.{name}", places[name], p) for k in MOMENTS}
+                out[name]["step"] = f.get_tensor(f"step.{name}")
+        return out
+
+
+def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]] | None, dict]:
+    """Returns (full model state, {moment: full state-shaped dict} or None, trainer info): the whole
+    files in memory; a training rank reads its slices through :class:`Consolidated` instead."""
+    p = Path(path)
+    _check_folder(p)
     model = load_file(str(p / "model.safetensors"))
     info = json.loads((p / "trainer.json").read_text())
     moments = None

@@ -2,20 +2,17 @@
 
 A checkpoint holds every rank's shard (model, engine, loop state) and the layout it was written
 with; ``resume`` continues a run folder in that same layout. ``train.init_from`` starts a run of
-any layout from a consolidated checkpoint instead: the weights (loaded before the model is
-sharded), then the step, the LR schedule and, when saved, Adam's moments, sharded like the weights.
+any layout from a consolidated checkpoint instead: the weights (each rank reads only the slices
+its sharded model holds), then the step, the LR schedule and, when saved, Adam's moments, sliced
+exactly like the weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ..models.parallelize import parallelize
-from ..models.transformer import build_model
 from ..runtime.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from ..runtime.consolidate import load_consolidated, named_optimizer_state, shard_layout_meta
+from ..runtime.consolidate import Consolidated, named_optimizer_state, shard_layout_meta
 from ..runtime.metrics import get_logger
 from ..runtime.tensor_parallel import tp_shard_specs
 from .job_config import JobConfig
@@ -83,33 +80,26 @@ class Checkpointing:
         return int(tr["step"])
 
 
-def load_init(cfg: JobConfig):
-    """The consolidated checkpoint ``train.init_from`` names (weights, moments, info), or None."""
-    return load_consolidated(cfg.train.init_from) if cfg.train.init_from else None
+def load_init(cfg: JobConfig) -> Consolidated | None:
+    """The consolidated checkpoint ``train.init_from`` names, opened for sliced reads, or None."""
+    return Consolidated(cfg.train.init_from) if cfg.train.init_from else None
 
 
-def continue_from(init, cfg: JobConfig, engine, process: JobProcess) -> int:
+def continue_from(init: Consolidated, cfg: JobConfig, engine, process: JobProcess) -> int:
     """After ``train.init_from`` loaded the weights: put the LR schedule at the saved step and,
-    when the checkpoint has them, restore Adam's moments, sharded for this layout exactly like the
-    weights (through a throwaway model whose weights are the moments). Returns the step."""
-    _, moments, info = init
+    when the checkpoint has them, restore Adam's moments, this rank's slices of them read by the
+    placements of its own (sharded) parameters, exactly like the weights. Returns the step."""
+    info = init.info
     step = int(info["step"])
     opt = engine.optimizer
-    if moments is not None and isinstance(getattr(opt, "state", None), dict) and cfg.parallel.zero_stage == 0:
-        shards = {}
-        for kind in ("exp_avg", "exp_avg_sq"):
-            holder = build_model(cfg.model)
-            with torch.no_grad():
-                for name, p in holder.named_parameters():
-                    p.copy_(moments[kind][name])
-            if process.state is not None:
-                parallelize(holder, process.state, expert_tp=cfg.parallel.expert_tp)
-            shards[kind] = dict(holder.named_parameters())
+    if init.has_moments and isinstance(getattr(opt, "state", None), dict) and cfg.parallel.zero_stage == 0:
+        moments = init.moments(engine.module)
         for name, p in engine.module.named_parameters():
+            m = moments[name]
             opt.state[p] = {
-                "step": moments["step"][name].reshape(()).clone(),
-                "exp_avg": shards["exp_avg"][name].detach().to(p.device).clone(),
-                "exp_avg_sq": shards["exp_avg_sq"][name].detach().to(p.device).clone(),
+                "step": m["step"].reshape(()).clone(),
+                "exp_avg": m["exp_avg"].to(p.device),
+                "exp_avg_sq": m["exp_avg_sq"].to(p.device),
             }
     elif process.is_main:
         log.warning("train.init_from %s: optimizer moments not restored (not in the checkpoint, or ZeRO %d); Adam restarts",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.parallelize import check_tp_divisibility, parallelize
+from ..models.parallelize import build_local_model, check_tp_divisibility
 from ..models.params import count_parameters
 from ..models.transformer import build_model
 from ..runtime.data import Tokenizer, build_loader, check_vocab_size
@@ -68,14 +68,11 @@ class Trainer:
         self.rank, self.is_main, self.dp_rank, self.dp_size = p.rank, p.is_main, p.dp_rank, p.dp_size
 
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model)
-        self.total_params, self.active_params = count_parameters(model)
+        # counted on the unallocated whole model; this rank then allocates only its own shards
+        self.total_params, self.active_params = count_parameters(build_model(cfg.model, seed=t.seed, device="meta"))
         init = load_init(cfg)
-        if init is not None:
-            model.load_state_dict(init[0])
-        if self.state is not None:
-            parallelize(model, self.state, expert_tp=par.expert_tp)
-        model.to(self.device)
+        model = build_local_model(cfg.model, self.state, expert_tp=par.expert_tp, device=self.device, seed=t.seed,
+                                  weights=init)
         self.engine = DeepSpeedEngine(model, t, cfg.data, par, self.state) if use_deepspeed else TorchEngine(model, t)
         self.model = self.engine.module
         p.idle_io_threads()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
+from ..param_init import Init, constant, normal
 from .config import ROUTER_CLASSES, MoEConfig
 
 __all__ = ["Routing", "Router", "build_router"]
@@ -51,15 +52,26 @@ class Router(nn.Module):
         # aux-loss-free balancing (DeepSeek-V3): a bias that only steers selection, learned from load
         self.register_buffer("expert_bias_E", torch.zeros(E), persistent=True)
         self.register_buffer("allowed_ME", self._allowed_mask(cfg), persistent=False)
-        self.register_buffer(
-            "top_k_M",
-            torch.tensor([cfg.top_k_of(m) for m in range(cfg.num_modalities)], dtype=torch.long),
-            persistent=False,
-        )
+        self.register_buffer("top_k_M", self._top_k(cfg), persistent=False)
+
+    def param_inits(self) -> dict[str, Init]:
+        """What each parameter starts as (the model's deterministic init reads this)."""
+        return {"weight_EH": normal(self.cfg.init_std)}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The buffers as built, recomputed in place (after a meta build is materialised)."""
+        self.expert_bias_E.zero_()
+        self.allowed_ME.copy_(self._allowed_mask(self.cfg, "cpu"))
+        self.top_k_M.copy_(self._top_k(self.cfg, "cpu"))
 
     @staticmethod
-    def _allowed_mask(cfg: MoEConfig) -> Tensor:
-        allowed = torch.ones(cfg.num_modalities, cfg.num_experts, dtype=torch.bool)
+    def _top_k(cfg: MoEConfig, device: str | None = None) -> Tensor:
+        return torch.tensor([cfg.top_k_of(m) for m in range(cfg.num_modalities)], dtype=torch.long, device=device)
+
+    @staticmethod
+    def _allowed_mask(cfg: MoEConfig, device: str | None = None) -> Tensor:
+        allowed = torch.ones(cfg.num_modalities, cfg.num_experts, dtype=torch.bool, device=device)
         if cfg.modality_partition:
             allowed.zero_()
             start = 0
@@ -131,6 +143,9 @@ class NoisyRouter(Router):
         super().__init__(cfg)
         self.noise_EH = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
+    def param_inits(self) -> dict[str, Init]:
+        return {**super().param_inits(), "noise_EH": constant(0.0)}
+
     def logits(self, x_TH, modality_T):
         logits_TE = super().logits(x_TH, modality_T)
         if self.training:
@@ -147,6 +162,9 @@ class RandomRouter(Router):
         nn.init.normal_(self.weight_EH, std=1.0 / math.sqrt(cfg.hidden_size))
         self.weight_EH.requires_grad_(False)
 
+    def param_inits(self) -> dict[str, Init]:
+        return {"weight_EH": normal(1.0 / math.sqrt(self.cfg.hidden_size))}
+
 
 class ModalityEmbeddingRouter(Router):
     """Modality-aware: a learned modality embedding is added to the router input."""
@@ -155,6 +173,9 @@ class ModalityEmbeddingRouter(Router):
         super().__init__(cfg)
         self.modality_MH = nn.Parameter(torch.zeros(cfg.num_modalities, cfg.hidden_size))
         nn.init.normal_(self.modality_MH, std=1.0)
+
+    def param_inits(self) -> dict[str, Init]:
+        return {**super().param_inits(), "modality_MH": normal(1.0)}
 
     def logits(self, x_TH, modality_T):
         return F.linear(x_TH + self.modality_MH.float()[modality_T], self.weight_EH.float())
@@ -167,6 +188,9 @@ class ModalityGateRouter(Router):
         super().__init__(cfg)
         extra = torch.empty(cfg.num_modalities - 1, cfg.num_experts, cfg.hidden_size)
         self.extra_gates_MEH = nn.Parameter(nn.init.normal_(extra, std=cfg.init_std))
+
+    def param_inits(self) -> dict[str, Init]:
+        return {**super().param_inits(), "extra_gates_MEH": normal(self.cfg.init_std)}
 
     def logits(self, x_TH, modality_T):
         gates_MEH = torch.cat([self.weight_EH[None], self.extra_gates_MEH], 0).float()

@@ -45,10 +45,13 @@ class TensorParallelGroupedExperts(GroupedExperts):
 
     @classmethod
     def from_full(cls, experts: GroupedExperts, tp_group: ProcessGroup) -> TensorParallelGroupedExperts:
-        """This rank's shard of a full ``GroupedExperts`` (same on every rank)."""
+        """This rank's shard of a full ``GroupedExperts`` (same on every rank); built on the full
+        one's device, so a meta model stays unallocated."""
         E, H, _ = experts.w1_EHF.shape
         F = experts.w2_EFH.shape[1]
-        layer = cls(E, H, F, experts.activation, 1.0, tp_group).to(experts.w1_EHF)
+        with torch.device(experts.w1_EHF.device):
+            layer = cls(E, H, F, experts.activation, experts.init_std, tp_group).to(experts.w1_EHF.dtype)
+        layer.first_expert = experts.first_expert
         with torch.no_grad():
             layer.w1_EHF.copy_(layer.w1_spec.shard(experts.w1_EHF, layer.tp_rank, layer.tp_size))
             layer.w2_EFH.copy_(layer.w2_spec.shard(experts.w2_EFH, layer.tp_rank, layer.tp_size))
