@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointManager
@@ -24,7 +24,7 @@ from .materialize import placements, read_local
 from .parallel_state import Layout
 from .tensor_parallel import ShardSpec
 
-__all__ = ["consolidate", "shard_layout_meta", "named_optimizer_state", "load_consolidated", "Consolidated", "MOMENTS"]
+__all__ = ["consolidate", "shard_layout_meta", "named_optimizer_state", "Consolidated", "MOMENTS"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -149,16 +149,3 @@ class Consolidated:
                 out[name]["step"] = f.get_tensor(f"step.{name}")
         return out
 
-
-def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]] | None, dict]:
-    """Returns (full model state, {moment: full state-shaped dict} or None, trainer info): the whole
-    files in memory; a training rank reads its slices through :class:`Consolidated` instead."""
-    p = Path(path)
-    _check_folder(p)
-    model = load_file(str(p / "model.safetensors"))
-    info = json.loads((p / "trainer.json").read_text())
-    moments = None
-    if info.get("optimizer") and (p / "optimizer.safetensors").is_file():
-        flat = load_file(str(p / "optimizer.safetensors"))
-        moments = {k: {n[len(k) + 1 :]: t for n, t in flat.items() if n.startswith(k + ".")} for k in (*MOMENTS, "step")}
-    return model, moments, info

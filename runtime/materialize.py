@@ -34,8 +34,9 @@ class Placement:
         return self.tp is not None and self.tp_size > 1
 
     def whole_shape(self, local_shape: tuple[int, ...], per_expert: bool) -> list[int]:
-        """The unsharded shape of the tensor (of one expert, with ``per_expert``) this shard comes from."""
-        shape = list(local_shape[1:] if per_expert else local_shape)
+        """The unsharded shape of the tensor this shard comes from; with ``per_expert`` the shard is
+        one expert of a routed-expert weight (its dims one left of the spec's)."""
+        shape = list(local_shape)
         if self.tp_split:
             shape[self.tp.dim - (1 if per_expert else 0)] *= self.tp_size
         return shape
@@ -119,8 +120,7 @@ def _fill_normal(dst: Tensor, std: float, seed: int, place: Placement, per_exper
     if not place.tp_split and dst.device.type == "cpu" and dst.dtype == torch.float32 and dst.is_contiguous():
         dst.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))  # straight into place: no transient
         return
-    dst.copy_(place.cut(_normal(place.whole_shape(dst.shape if not per_expert else (1, *dst.shape), per_expert),
-                                std, seed), per_expert))
+    dst.copy_(place.cut(_normal(place.whole_shape(dst.shape, per_expert), std, seed), per_expert))
 
 
 @torch.no_grad()

@@ -25,6 +25,13 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h, approximate="tanh")
 
 
+def _init_from_rules(module: nn.Module) -> None:
+    """A module built on its own draws from torch's global generator by its ``param_inits`` (the
+    rules the model's per-parameter init reads too), in their order."""
+    for name, rule in module.param_inits().items():
+        nn.init.normal_(module.get_parameter(name), std=rule.std)
+
+
 class GroupedExperts(nn.Module):
     """E expert MLPs stored as stacked weights and run as one grouped GEMM over expert-sorted rows.
     ``first_expert``: the global index of local expert 0 (not 0 once expert parallelism keeps a slice)."""
@@ -37,8 +44,7 @@ class GroupedExperts(nn.Module):
         up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         self.w1_EHF = nn.Parameter(torch.empty(num_experts, hidden_size, up))
         self.w2_EFH = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
-        nn.init.normal_(self.w1_EHF, std=init_std)
-        nn.init.normal_(self.w2_EFH, std=init_std / math.sqrt(2))
+        _init_from_rules(self)
 
     def param_inits(self) -> dict[str, Init]:
         return {"w1_EHF": normal(self.init_std), "w2_EFH": normal(self.init_std / math.sqrt(2))}
@@ -77,8 +83,7 @@ class MLP(nn.Module):
         up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         self.up = nn.Linear(hidden_size, up, bias=False)
         self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-        nn.init.normal_(self.up.weight, std=init_std)
-        nn.init.normal_(self.down.weight, std=init_std / math.sqrt(2))
+        _init_from_rules(self)
 
     def param_inits(self) -> dict[str, Init]:
         return {"up.weight": normal(self.init_std), "down.weight": normal(self.init_std / math.sqrt(2))}
