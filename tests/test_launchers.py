@@ -190,6 +190,15 @@ class SlurmCluster:
         r = self.root
         (r / "state").mkdir()
         (r / "spool").mkdir()
+        self._write_conf(self._start_munged(), "modalmoe-test", "localhost", "", "localhost",
+                         "NodeName=localhost NodeHostname=localhost", ctld_port=_free_port(), d_port=_free_port())
+        self._spawn("slurmctld", [self.programs["slurmctld"], "-D", "-f", str(self.conf)])
+        self._spawn("slurmd", [self.programs["slurmd"], "-D", "-f", str(self.conf), "-N", "localhost"])
+        self._until(lambda: self.scontrol_ok() and self.node_state() == "idle",
+                    "the node never became idle", r / "slurmd.log", r / "slurmctld.log")
+
+    def _start_munged(self) -> Path:
+        r = self.root
         key = r / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
@@ -198,22 +207,30 @@ class SlurmCluster:
                                f"--key-file={key}", f"--pid-file={r / 'munged.pid'}", f"--log-file={r / 'munged.log'}",
                                f"--seed-file={r / 'munged.seed'}"])
         self._until(lambda: sock.exists(), "munged made no socket", r / "munged.log")
+        return sock
+
+    def _write_conf(self, sock: Path, cluster: str, ctld_host: str, per_node: str, partition: str, node_line: str,
+                    ctld_port: int, d_port: int) -> None:
+        """``per_node`` ("" or "-%n") keeps each slurmd's spool, pid and log apart when several share ``root``.
+        A requeued job may start cred_expire s after its preemption, but only at the next scheduling pass:
+        sched_interval is 60 s by default (bf_interval 30), 2 s here."""
+        r = self.root
         self.conf.write_text(f"""\
-ClusterName=modalmoe-test
-SlurmctldHost=localhost
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+ClusterName={cluster}
+SlurmctldHost={ctld_host}
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / f'spool{per_node}'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / f'slurmd{per_node}.pid'}
 SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+SlurmdLogFile={r / f'slurmd{per_node}.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -224,13 +241,10 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
 MinJobAge=600
-NodeName=localhost NodeHostname=localhost CPUs={self.cpus} State=UNKNOWN
-PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+SchedulerParameters=sched_interval=2,bf_interval=2
+{node_line} CPUs={self.cpus} State=UNKNOWN
+PartitionName=ci Nodes={partition} Default=YES MaxTime=INFINITE State=UP
 """)
-        self._spawn("slurmctld", [self.programs["slurmctld"], "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", [self.programs["slurmd"], "-D", "-f", str(self.conf), "-N", "localhost"])
-        self._until(lambda: self.scontrol_ok() and self.node_state() == "idle",
-                    "the node never became idle", r / "slurmd.log", r / "slurmctld.log")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         with open(self.root / f"{name}.out", "w") as out:
@@ -326,6 +340,16 @@ def _sbatch(slurm: SlurmCluster, demo_dir: Path, work: Path, run: Path, *train_a
     return out.stdout.strip().split(";")[0]
 
 
+def _usr1_once_training(slurm: SlurmCluster, job: str, metrics: Path) -> None:
+    """Waits for the job's first logged step, then sends SIGUSR1 to every task (what --signal=USR1@N sends)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (metrics.is_file() and metrics.stat().st_size > 0):
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"job {job} never trained: {slurm.job(job)}\n{slurm.logs()}"
+        time.sleep(0.3)
+    slurm.cmd("scancel", "--signal=USR1", job)
+
+
 def test_slurm_sbatch_two_tasks(slurm, demo_dir, tmp_path):
     run = tmp_path / "run"
     job = _sbatch(slurm, demo_dir, tmp_path, run, "parallel.ep=2")
@@ -342,12 +366,7 @@ def test_slurm_preemption_requeues_and_resumes(slurm, demo_dir, tmp_path):
     run = tmp_path / "run"
     job = _sbatch(slurm, demo_dir, tmp_path, run, "parallel.ep=2", "train.steps=300")
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (metrics.is_file() and metrics.stat().st_size > 0):
-        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job {job} never trained: {slurm.job(job)}"
-        time.sleep(0.3)
-    slurm.cmd("scancel", "--signal=USR1", job)
+    _usr1_once_training(slurm, job, metrics)
     info = slurm.wait(job)  # a requeued job waits out its credential's lifetime: cred_expire=10 here, 120 s by default
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-6000:]}\n{slurm.logs()}"
