@@ -5,7 +5,9 @@ On CPU nothing waits for a device, so the test counts the Python-level calls tha
 run wait: ``.item``, ``.tolist``, ``.cpu``, ``.numpy``, ``bool``/``float``/``int`` of a tensor,
 ``nonzero``, boolean indexing, ``masked_select``, ``unique``, ``bincount`` (CUDA sizes its output
 on the host) and ``repeat_interleave`` without ``output_size``. They are seen through a
-``TorchFunctionMode``, forward and backward alike. Calls from ``torch/optim`` are left out: the
+``TorchFunctionMode``, which sees the forward, the loss and the optimizer step; the backward
+that autograd's engine runs is outside its reach (custom Functions' backward included), so a sync
+there would go unseen. Calls from ``torch/optim`` are left out: the
 CPU AdamW reads its step counters, CPU tensors, with ``.item()`` (on CUDA the fused AdamW keeps
 them on the device); and so are the C++ ops' own syncs (the CUDA permute reads R once), which a
 Python mode cannot see.
@@ -13,6 +15,7 @@ Python mode cannot see.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import Counter
 
@@ -52,6 +55,44 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _AlsoCounting:
+    """A checkpoint recompute's context that also makes ``counter`` current inside the recompute."""
+
+    def __init__(self, context, counter):
+        self.context, self.counter = context, counter
+
+    def __enter__(self):
+        self.context.__enter__()
+        self.counter.__enter__()
+
+    def __exit__(self, *exc):
+        self.counter.__exit__(*exc)
+        return self.context.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _watching_recompute(counter, on: bool):
+    """torch does not carry function modes into the autograd engine, so the counter sees nothing
+    that backward runs; an activation-checkpointing recompute (run in backward) is watched by
+    entering the counter inside it, through the recompute context the checkpoint wrapper installs."""
+    if not on:
+        yield
+        return
+    from modalmoe.runtime.moe.layer import CheckpointCall
+
+    contexts = CheckpointCall.contexts
+
+    def watched(call):
+        forward, recompute = contexts(call)
+        return forward, _AlsoCounting(recompute, counter)
+
+    CheckpointCall.contexts = watched
+    try:
+        yield
+    finally:
+        CheckpointCall.contexts = contexts
+
+
 def _count_one_step(rank, world, overrides, run_dir):
     from modalmoe.train.job_config import load_job_config
     from modalmoe.train.trainer import Trainer
@@ -62,7 +103,8 @@ def _count_one_step(rank, world, overrides, run_dir):
     batches = iter(loader)
     trainer.model.train()
     trainer.train_step(next(batches))  # warm-up: lazy initialisation is not a step's cost
-    with SyncCounter() as counter:
+    counter = SyncCounter()
+    with _watching_recompute(counter, cfg.train.activation_checkpointing != "none"), counter:
         trainer.train_step(next(batches))
     moe_calls = len(cfg.model.moe_layers) * (2 if cfg.model.contrastive_coef > 0 else 1)
     return counter.hits, moe_calls
@@ -72,8 +114,10 @@ def _count_one_step(rank, world, overrides, run_dir):
 LAYOUT = ["model.moe_every=1", "model.contrastive_coef=0.1"]
 
 
-def _check(hits, moe_calls):
-    budget = moe_calls + 2  # one per MoE layer forward, the grad norm, the trainer's scalars
+def _check(hits, moe_calls, recomputed=0):
+    # one per MoE layer forward, the grad norm, the trainer's scalars; under activation checkpointing
+    # of the MoE layers (moe, full) each MoE forward is run again in backward and syncs again
+    budget = moe_calls * (1 + recomputed) + 2
     where = Counter(hits).most_common()
     assert len(hits) <= budget, f"{len(hits)} host syncs in one step (budget {budget}): {where}"
     # the budget is met by the planned syncs, not by luck: each MoE forward syncs for its offsets
@@ -92,6 +136,26 @@ def test_expert_parallel_step_sync_budget(demo, tmp_path):
                               str(tmp_path / "run"), timeout=240)
     for hits, moe_calls in results:
         _check(hits, moe_calls)
+
+
+@pytest.mark.parametrize(("mode", "recomputed"), [("attention", 0), ("moe", 1), ("full", 1)])
+def test_checkpointed_step_sync_budget(demo, tmp_path, mode, recomputed):
+    """Activation checkpointing adds exactly what its recompute repeats: one sync (the rows per
+    expert) per recomputed MoE forward, nothing for attention; counted against the plain step."""
+    plain, moe_calls = _count_one_step(0, 1, data_overrides(demo) + LAYOUT, str(tmp_path / "none"))
+    hits, _ = _count_one_step(0, 1, data_overrides(demo) + LAYOUT + [f"train.activation_checkpointing={mode}"],
+                              str(tmp_path / mode))
+    assert len(hits) - len(plain) == recomputed * moe_calls, Counter(hits) - Counter(plain)
+    _check(hits, moe_calls, recomputed)
+
+
+def test_expert_parallel_checkpointed_step_sync_budget(demo, tmp_path):
+    """EP=2, ``full``: the recompute brings the split sizes to the host again, once per MoE forward."""
+    results = run_distributed(_count_one_step, 2, data_overrides(demo) + LAYOUT + ["parallel.ep=2",
+                              "train.activation_checkpointing=full"], str(tmp_path / "run"), timeout=240)
+    for hits, moe_calls in results:
+        _check(hits, moe_calls, recomputed=1)
+        assert len(hits) > 2 * moe_calls  # the recompute's syncs are there, not skipped
 
 
 def test_counter_sees_the_syncs_it_claims_to():

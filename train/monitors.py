@@ -1,6 +1,7 @@
 """What the loop watches between log steps: the metrics window (scalars, tokens, routing stats),
-bad-sample counts, non-finite (skipped) steps and the router-collapse alarm (``health``). Each
-logging step turns them into one metrics record; they are saved and restored with the checkpoint.
+bad-sample counts, non-finite (skipped) steps, the router-collapse alarm (``health``) and the
+dropless imbalance guard (:class:`ImbalanceGuard`). Each logging step turns them into one metrics
+record; they are saved and restored with the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,13 +20,62 @@ from .health import CollapseMonitor
 from .job_config import JobConfig
 from .process import JobProcess
 
-__all__ = ["Monitors"]
+__all__ = ["Monitors", "ImbalanceGuard"]
 
 log = get_logger("modalmoe.train")
 
 
 def _what(scalars: dict[str, float]) -> str:
     return f"loss {scalars.get('loss', float('nan')):.4g}, grad norm {scalars.get('grad_norm', float('nan')):.4g}"
+
+
+class ImbalanceGuard:
+    """Warns once per (layer, expert) when, in one step, an expert's routed rows exceed
+    ``moe.imbalance_warn_ratio`` × the mean rows per expert: the dropless layer's memory follows its
+    busiest expert, which is how a dropless run runs out of memory in its first hundred steps.
+
+    Checked here rather than in the layer: the layer's host copy holds only its own rank's rows per
+    local expert (under EP not the mean over all experts) and the layer knows no name, while every
+    step's routing stats pass through :meth:`Monitors.record` on the device. So each step adds a few
+    device ops and no host sync (the per-step ratio's running maximum stays on the device), and the
+    log step, which copies the window's stats to the host anyway, reads that maximum once.
+    Per rank, before the data-parallel sum: the rank whose expert is crowded is the one at risk."""
+
+    def __init__(self, layers: list[int], warn_ratio: float, cap_ratio: float | None, rank: int, world: int):
+        self.layers, self.warn_ratio, self.cap_ratio = layers, warn_ratio, cap_ratio
+        self.where = f" on rank {rank}" if world > 1 else ""
+        self.peak_LE: torch.Tensor | None = None  # max over the window's steps of rows / mean rows
+        self.warned: set[tuple[int, int]] = set()
+
+    def record(self, stats: list[RoutingStats]) -> None:
+        if self.warn_ratio <= 0 or not stats:
+            return
+        load_LE = torch.stack([s.load_ME.detach().sum(0) for s in stats]).float()
+        ratio_LE = load_LE / load_LE.mean(1, keepdim=True).clamp_min(1e-9)
+        self.peak_LE = ratio_LE if self.peak_LE is None else torch.maximum(self.peak_LE, ratio_LE)
+
+    def check(self, first: int, step: int) -> dict[str, float]:
+        """Warn for the steps ``[first, step]``; returns each layer's peak ratio (``layer<i>/imbalance``)."""
+        if self.peak_LE is None:
+            return {}
+        peak = self.peak_LE.tolist()
+        self.peak_LE = None
+        for layer, ratios in zip(self.layers, peak):
+            for e, r in enumerate(ratios):
+                if r <= self.warn_ratio or (layer, e) in self.warned:
+                    continue
+                self.warned.add((layer, e))
+                fix = (f"rows beyond {self.cap_ratio:g}x the mean are being dropped (model.moe.imbalance_cap_ratio; "
+                       "see routing/dropped)" if self.cap_ratio is not None else
+                       "set model.moe.imbalance_cap_ratio (e.g. 2.0) to drop the rows beyond that multiple of the "
+                       "mean (counted in routing/dropped) before they run out of memory")
+                log.warning(
+                    "dropless imbalance: layer %d (layers.%d.ffn), expert %d received %.2fx the mean rows per "
+                    "expert in one step of steps %d-%d%s (> model.moe.imbalance_warn_ratio=%g); %s, or raise "
+                    "model.moe.lb_coef / set a capacity_factor",
+                    layer, layer, e, r, first, step, self.where, self.warn_ratio, fix,
+                )
+        return {f"layer{layer}/imbalance": max(ratios) for layer, ratios in zip(self.layers, peak)}
 
 
 class Monitors:
@@ -39,6 +89,8 @@ class Monitors:
         self.nonfinite = NonFiniteTracker(t.max_nonfinite_steps)
         self.collapse = CollapseMonitor(cfg.model.moe_layers, MODALITY_NAMES, moe.num_experts, share=t.collapse_share,
                                         window=t.collapse_window, partition=moe.modality_partition)
+        self.imbalance = ImbalanceGuard(cfg.model.moe_layers, moe.imbalance_warn_ratio, moe.imbalance_cap_ratio,
+                                        process.rank, process.world)
         self.run_stats: list[RoutingStats] | None = None  # the last logged window's routing stats (the report)
         self.reset_window()
 
@@ -60,6 +112,7 @@ class Monitors:
         self.tokens += tokens
         for k, v in scalars.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+        self.imbalance.record(stats)
         self.stats = stats if not self.stats else [a + b for a, b in zip(self.stats, stats)]
 
     def skip(self, step: int, scalars: dict[str, float]) -> bool:
@@ -101,6 +154,7 @@ class Monitors:
                 m[f"data/bad/{reason}"] = count
         m["nonfinite/skipped"] = self.nonfinite.take_window()
         m["nonfinite/total"] = self.nonfinite.total
+        m.update(self.imbalance.check(self.collapse.last_step + 1, step))
         m.update(self.collapse.update(step, stats))
         self.run_stats = stats or self.run_stats
         self.reset_window()
@@ -131,9 +185,10 @@ class Monitors:
 
     def state_dict(self) -> dict:
         return {"bad_counts": dict(self.bad_counts), "nonfinite": self.nonfinite.state_dict(),
-                "collapse": self.collapse.state_dict()}
+                "collapse": self.collapse.state_dict(), "imbalance_warned": sorted(self.imbalance.warned)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.bad_counts = dict(sd["bad_counts"])
         self.nonfinite.load_state_dict(sd.get("nonfinite", {}))
         self.collapse.load_state_dict(sd.get("collapse", {}))
+        self.imbalance.warned = {(int(a), int(b)) for a, b in sd.get("imbalance_warned", [])}

@@ -4,6 +4,11 @@ Legend: T tokens, k slots per token, E experts, M modalities. Dropless (no cap) 
 A uniform cap by position is handed to ``ops.permute`` (the kernel drops first-come-last);
 per-modality caps and batch-prioritised routing (V-MoE: the most confident tokens first, all first
 choices before any second choice) mark dropped slots here, as expert -1, before the permute.
+
+The dropless imbalance cap (``imbalance_cap_ratio``) is a capacity factor that only a dropless layer
+gets: an expert keeps at most ceil(ratio × this rank's routed slots / E) rows, so it bites only on
+experts over that multiple of the mean. Its cap stays a device tensor (no host sync), and its drops
+are counted like capacity drops (routed in ``load_ME``, not kept in ``kept_ME``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ def plan_capacity(
     cfg: MoEConfig, idx_Tk: Tensor, weights_Tk: Tensor, modality_T: Tensor, training: bool
 ) -> CapacityPlan:
     cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
-    if cf is None or cfg.router == "expert_choice":
+    if cfg.router == "expert_choice":  # balanced by construction: each expert takes its budget
         return CapacityPlan(idx_Tk, None)
+    if cf is None:
+        if cfg.imbalance_cap_ratio is None:
+            return CapacityPlan(idx_Tk, None)
+        return _imbalance_cap(cfg, idx_Tk, weights_Tk)
     E, M = cfg.num_experts, cfg.num_modalities
     routed_Tk = idx_Tk >= 0
     per_modality = cfg.modality_capacity_factor is not None
@@ -51,12 +60,32 @@ def plan_capacity(
     else:
         cap_G = torch.full((E,), _cap(cf, int(routed_Tk.sum()), E), device=idx_Tk.device)
         group_Tk = idx_Tk.clamp_min(0)
+    return _keep_within(cap_G, group_Tk, idx_Tk, _priority(cfg, weights_Tk, idx_Tk))
+
+
+def _imbalance_cap(cfg: MoEConfig, idx_Tk: Tensor, weights_Tk: Tensor) -> CapacityPlan:
+    """At most ceil(imbalance_cap_ratio × mean routed slots per expert) rows for every expert."""
+    routed = (idx_Tk >= 0).sum().double()
+    cap = torch.ceil(cfg.imbalance_cap_ratio * routed / cfg.num_experts).clamp_min(1).long()
+    cap_G = cap.expand(cfg.num_experts)
+    return _keep_within(cap_G, idx_Tk.clamp_min(0), idx_Tk, _priority(cfg, weights_Tk, idx_Tk))
+
+
+def _priority(cfg: MoEConfig, weights_Tk: Tensor, idx_Tk: Tensor) -> Tensor:
+    """[T, k] order in which slots claim room (lower first): by position, or (``probability``)
+    every first choice before any second, most confident token first."""
+    T, k = idx_Tk.shape
     if cfg.drop_policy == "probability":
         confidence_T = weights_Tk.max(dim=1).values
         token_rank_T = torch.argsort(confidence_T, descending=True, stable=True).argsort()
-        priority_Tk = torch.arange(k, device=idx_Tk.device)[None, :] * T + token_rank_T[:, None]
-    else:
-        priority_Tk = torch.arange(T * k, device=idx_Tk.device).view(T, k)
+        return torch.arange(k, device=idx_Tk.device)[None, :] * T + token_rank_T[:, None]
+    return torch.arange(T * k, device=idx_Tk.device).view(T, k)
+
+
+def _keep_within(cap_G: Tensor, group_Tk: Tensor, idx_Tk: Tensor, priority_Tk: Tensor) -> CapacityPlan:
+    """Mark -1 every routed slot beyond its group's cap ``cap_G`` (a device tensor), in priority order."""
+    T, k = idx_Tk.shape
+    routed_Tk = idx_Tk >= 0
     # order slots by (group, priority); a slot's rank in its group decides whether it fits
     n_groups = cap_G.numel()
     key = group_Tk.masked_fill(~routed_Tk, n_groups).flatten() * (T * k) + priority_Tk.flatten()

@@ -5,13 +5,15 @@ Legend: T tokens (flattened leading dims), H hidden, E experts, M modalities, k 
 Precision: under autocast the rows are cast once to the autocast dtype before the permute, so the
 permute, the all-to-all payload, the expert GEMMs and the combine all run in bf16; the router, the
 routing sums and the losses run with autocast off, in float32 (a bf16 softmax over E experts and
-bf16 balance sums move the top-k picks and the loss). Host syncs: none here on the dropless path;
-the dispatcher's one (rows per expert, or the EP split sizes) is the layer's only one.
+bf16 balance sums move the top-k picks and the loss). Host syncs: none here on the dropless path
+(the imbalance cap included); the dispatcher's one (rows per expert, or the EP split sizes) is the
+layer's only one, repeated when activation checkpointing recomputes the layer in backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +27,7 @@ from .losses import router_losses
 from .router import build_router
 from .stats import RoutingStats, RoutingSums, count_groups
 
-__all__ = ["MoELayer", "MoEAux", "compute_dtype", "moe_layers"]
+__all__ = ["MoELayer", "MoEAux", "CheckpointCall", "compute_dtype", "moe_layers"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -39,6 +41,44 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 class MoEAux:
     loss: Tensor  # Σ coef · aux term, a scalar with grad
     stats: RoutingStats
+
+
+@dataclass
+class CheckpointCall:
+    """One activation-checkpointed call (models/activation_checkpoint.py): its forward and each
+    recompute in backward run with this call current, so a layer with side effects can tell the two
+    apart and hand its recompute what the forward saw. The recompute's outputs are thrown away, so
+    stats and aux losses cannot be counted twice; what must not repeat is a change to the layer's
+    own state (the router bias update)."""
+
+    recomputing: bool = False
+    saved: dict = field(default_factory=dict)  # per layer: what its forward leaves for the recompute
+
+    def contexts(self) -> tuple[_Current, _Current]:
+        """``torch.utils.checkpoint``'s ``context_fn``: (the forward's context, the recompute's)."""
+        return _Current(self, False), _Current(self, True)
+
+    @staticmethod
+    def current() -> CheckpointCall | None:
+        return _CALL.get()
+
+
+_CALL: ContextVar[CheckpointCall | None] = ContextVar("modalmoe_checkpoint_call", default=None)
+
+
+class _Current:
+    """Makes ``call`` current (re-enterable: a second backward recomputes again)."""
+
+    def __init__(self, call: CheckpointCall, recomputing: bool):
+        self.call, self.recomputing, self.tokens = call, recomputing, []
+
+    def __enter__(self) -> CheckpointCall:
+        self.call.recomputing = self.recomputing
+        self.tokens.append(_CALL.set(self.call))
+        return self.call
+
+    def __exit__(self, *exc) -> None:
+        _CALL.reset(self.tokens.pop())
 
 
 class MoELayer(nn.Module):
@@ -83,6 +123,25 @@ class MoELayer(nn.Module):
         self.ep_group = ep_group
 
     def forward(self, x: Tensor, modality: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """Under activation checkpointing the router bias update (``bias_update_rate``) is the one
+        side effect: the forward applies it once, and the recompute routes with the bias the forward
+        routed with (else it picks other experts and its saved tensors no longer match) and leaves
+        the updated bias as it found it."""
+        call = CheckpointCall.current()
+        if call is None or not (self.training and self.cfg.bias_update_rate > 0):
+            return self._forward(x, modality, mask, update_bias=call is None or not call.recomputing)
+        bias_E = self.router.expert_bias_E
+        if not call.recomputing:
+            call.saved[self] = bias_E.clone()
+            return self._forward(x, modality, mask, update_bias=True)
+        updated_E = bias_E.clone()
+        bias_E.copy_(call.saved[self])
+        try:  # the recompute may stop early (torch's early_stop) by raising: restore either way
+            return self._forward(x, modality, mask, update_bias=False)
+        finally:
+            bias_E.copy_(updated_E)
+
+    def _forward(self, x: Tensor, modality: Tensor, mask: Tensor | None, update_bias: bool) -> tuple[Tensor, MoEAux]:
         cfg = self.cfg
         H = x.shape[-1]
         x_TH = x.reshape(-1, H)
@@ -114,7 +173,7 @@ class MoELayer(nn.Module):
         E = cfg.num_experts
         kept_ME = count_groups(modality_T[:, None] * E + kept_idx_Tk.clamp_min(0), kept_idx_Tk >= 0,
                                cfg.num_modalities * E).view(cfg.num_modalities, E)
-        if self.training and cfg.bias_update_rate > 0:
+        if update_bias and self.training and cfg.bias_update_rate > 0:
             self.router.update_bias(batch_sums.load_ME.sum(0))
         stats = RoutingStats.from_sums(sums, kept_ME, terms)
         return y_TH.view(x.shape), MoEAux(loss=aux_loss, stats=stats)
