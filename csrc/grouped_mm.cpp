@@ -84,8 +84,9 @@ at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntA
   return out_RN;
 }
 
-at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad_RN,
-                                  c10::IntArrayRef offsets) {
+// Callers that keep the gradient buffer between steps (ops/grad_buffers.py) avoid a fresh one.
+void grouped_mm_weight_grad_out(const at::Tensor& x_RK, const at::Tensor& grad_RN, c10::IntArrayRef offsets,
+                                const at::Tensor& out_EKN) {
   TORCH_CHECK(x_RK.dim() == 2 && grad_RN.dim() == 2 && x_RK.size(0) == grad_RN.size(0),
               "modalmoe.grouped_mm_weight_grad: expected x [R, K] and grad [R, N], got ",
               x_RK.sizes(), " and ", grad_RN.sizes());
@@ -94,15 +95,31 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1, R = x_RK.size(0);
   TORCH_CHECK(E >= 1, "modalmoe.grouped_mm_weight_grad: need at least one group");
   check_offsets(offsets, E, R);
-  at::Tensor dw_EKN = at::empty({E, x_RK.size(1), grad_RN.size(1)}, x_RK.options());
+  TORCH_CHECK(out_EKN.dim() == 3 && out_EKN.size(0) == E && out_EKN.size(1) == x_RK.size(1) &&
+                  out_EKN.size(2) == grad_RN.size(1),
+              "modalmoe.grouped_mm_weight_grad_out: expected out [", E, ", ", x_RK.size(1), ", ",
+              grad_RN.size(1), "], got ", out_EKN.sizes());
+  TORCH_CHECK(out_EKN.scalar_type() == x_RK.scalar_type() && out_EKN.device() == x_RK.device(),
+              "modalmoe.grouped_mm_weight_grad_out: out must share x's dtype and device");
   for (int64_t e = 0; e < E; ++e) {
-    if (offsets[e + 1] == offsets[e]) dw_EKN.select(0, e).zero_();
+    if (offsets[e + 1] == offsets[e]) out_EKN.select(0, e).zero_();
   }
   for_each_group(offsets, x_RK.is_cpu(), [&](int64_t e) {
     const int64_t n = offsets[e + 1] - offsets[e];
-    at::Tensor dw_e = dw_EKN.select(0, e);
+    at::Tensor dw_e = out_EKN.select(0, e);
     at::mm_out(dw_e, x_RK.narrow(0, offsets[e], n).t(), grad_RN.narrow(0, offsets[e], n));
   });
+}
+
+at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad_RN,
+                                  c10::IntArrayRef offsets) {
+  TORCH_CHECK(x_RK.dim() == 2 && grad_RN.dim() == 2,
+              "modalmoe.grouped_mm_weight_grad: expected x [R, K] and grad [R, N], got ",
+              x_RK.sizes(), " and ", grad_RN.sizes());
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  TORCH_CHECK(E >= 1, "modalmoe.grouped_mm_weight_grad: need at least one group");
+  at::Tensor dw_EKN = at::empty({E, x_RK.size(1), grad_RN.size(1)}, x_RK.options());
+  grouped_mm_weight_grad_out(x_RK, grad_RN, offsets, dw_EKN);
   return dw_EKN;
 }
 
@@ -110,6 +127,7 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad
 TORCH_LIBRARY_IMPL(modalmoe, CompositeExplicitAutograd, m) {
   m.impl("grouped_mm", &grouped_mm);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad);
+  m.impl("grouped_mm_weight_grad_out", &grouped_mm_weight_grad_out);
 }
 
 }  // namespace modalmoe

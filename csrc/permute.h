@@ -53,6 +53,9 @@ at::Tensor grouped_mm(const at::Tensor& x_RK, const at::Tensor& w_EKN, c10::IntA
 // dw[e] = x[rows of e]^T @ grad[rows of e]; zero for empty groups.
 at::Tensor grouped_mm_weight_grad(const at::Tensor& x_RK, const at::Tensor& grad_RN,
                                   c10::IntArrayRef offsets);
+// The same written into a given out [E, K, N] (a gradient buffer kept between steps).
+void grouped_mm_weight_grad_out(const at::Tensor& x_RK, const at::Tensor& grad_RN, c10::IntArrayRef offsets,
+                                const at::Tensor& out_EKN);
 
 // out = silu(h[..., :F]) * h[..., F:] for h [..., 2F] (SwiGLU), and its gradient dh [..., 2F].
 at::Tensor swiglu_cpu(const at::Tensor& h_R2F);

@@ -42,6 +42,7 @@ TORCH_LIBRARY(modalmoe, m) {
   m.def("slot_dot(Tensor tokens, Tensor rows, Tensor row_of, ScalarType dtype) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor w, int[] offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad, int[] offsets) -> Tensor");
+  m.def("grouped_mm_weight_grad_out(Tensor x, Tensor grad, int[] offsets, Tensor(a!) out) -> ()");
   m.def("swiglu(Tensor h) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
   m.def("top_k_rows(Tensor scores, int k) -> Tensor");

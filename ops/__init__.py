@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from .extension import HAS_EXTENSION, kernels_for
 from .fused import swiglu, top_k_rows
+from .grad_buffers import GradBuffers
 from .grouped_gemm import group_offsets, grouped_mm
 from .permutation import build_plan, gather_rows, permute, unpermute
 from .plan import PermutePlan
@@ -36,6 +37,7 @@ from .registration import register_python_kernels
 
 __all__ = [
     "HAS_EXTENSION",
+    "GradBuffers",
     "PermutePlan",
     "kernels_for",
     "build_plan",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import extension, reference
+from .grad_buffers import GradBuffers
 from .plan import PermutePlan
 
 __all__ = ["group_offsets", "grouped_mm"]
@@ -108,10 +109,48 @@ def _offsets_list(counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan,
     raise ValueError(f"expected {num_groups} counts or {num_groups + 1} offsets, got {len(values)} values")
 
 
+class _GroupedMMIntoBuffers(torch.autograd.Function):
+    """The extension's grouped_mm whose weight gradient lands in a kept buffer (CPU, eager only);
+    the same formulas as the op's registered autograd (ops/registration.py)."""
+
+    @staticmethod
+    def forward(ctx, x_RK, w_EKN, offsets, buffers):
+        ctx.save_for_backward(x_RK, w_EKN)
+        ctx.offsets, ctx.buffers = offsets, buffers
+        return torch.ops.modalmoe.grouped_mm(x_RK, w_EKN, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_RN):
+        x_RK, w_EKN = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.modalmoe.grouped_mm(grad_RN, w_EKN.transpose(1, 2), ctx.offsets)
+        if ctx.needs_input_grad[1]:
+            if torch.is_grad_enabled():  # create_graph: a plain tensor, no buffer kept
+                grad_w = torch.ops.modalmoe.grouped_mm_weight_grad(x_RK, grad_RN, ctx.offsets)
+            else:
+                grad_w = ctx.buffers.take(w_EKN.shape, x_RK)
+                torch.ops.modalmoe.grouped_mm_weight_grad_out(x_RK, grad_RN, ctx.offsets, grad_w)
+        return grad_x, grad_w, None, None
+
+
+def _into_buffers(x_RK: torch.Tensor, w_EKN: torch.Tensor, buffers: GradBuffers | None) -> bool:
+    return (
+        buffers is not None
+        and x_RK.device.type == "cpu"
+        and w_EKN.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and extension.kernels_for("cpu", "grouped_mm_weight_grad_out")
+    )
+
+
 def grouped_mm(
     x_RK: torch.Tensor,
     w_EKN: torch.Tensor,
     counts_or_offsets: Sequence[int] | torch.Tensor | PermutePlan,
+    *,
+    grad_buffers: GradBuffers | None = None,
 ) -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for row blocks given as counts [E] or offsets [E+1].
 
@@ -122,6 +161,9 @@ def grouped_mm(
     output (and preallocated dx / dw in backward): no per-expert weight-slice gradients and no
     cat/split copies. A tensor of counts or offsets costs one host sync there; a PermutePlan uses
     its padded offsets.
+
+    ``grad_buffers`` (CPU, eager): w's gradient is written into a buffer kept there between steps
+    instead of a fresh allocation (ops/grad_buffers.py says why); elsewhere it is ignored.
     """
     E = w_EKN.shape[0]
     if _torch_grouped_mm_for(x_RK.device):
@@ -133,4 +175,6 @@ def grouped_mm(
         raise ValueError(f"grouped_mm: offsets must rise from 0 to {x_RK.shape[0]} rows, got {offsets}")
     if not extension.use_kernels(x_RK, "grouped_mm"):
         return reference.grouped_mm_reference(x_RK, w_EKN, offsets)
+    if _into_buffers(x_RK, w_EKN, grad_buffers):
+        return _GroupedMMIntoBuffers.apply(x_RK, w_EKN, offsets, grad_buffers)
     return torch.ops.modalmoe.grouped_mm(x_RK, w_EKN, offsets)

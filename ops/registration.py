@@ -53,6 +53,12 @@ def _register_python_kernels() -> None:
     def _(x_RK, grad_RN, offsets):
         return x_RK.new_empty(len(offsets) - 1, x_RK.shape[1], grad_RN.shape[1])
 
+    if hasattr(ops, "grouped_mm_weight_grad_out"):  # absent from an extension built before it
+
+        @torch.library.register_fake("modalmoe::grouped_mm_weight_grad_out")
+        def _(x_RK, grad_RN, offsets, out):
+            return None
+
     # gather_rows and combine_rows are adjoint: each one's input gradient is the other op.
     def save_rows_plan_weights(ctx, inputs, output):
         values, first_map, second_map, weights = inputs

@@ -44,6 +44,8 @@ class GroupedExperts(nn.Module):
         up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         self.w1_EHF = nn.Parameter(torch.empty(num_experts, hidden_size, up))
         self.w2_EFH = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        # On CPU the weights' gradients reuse these between steps instead of a fresh mmap each.
+        self.grad_buffers = ops.GradBuffers()
         _init_from_rules(self)
 
     def param_inits(self) -> dict[str, Init]:
@@ -66,11 +68,13 @@ class GroupedExperts(nn.Module):
             vars(local).update(vars(p))
             setattr(self, name, local)
         self.first_expert += first
+        self.grad_buffers.clear()
 
     def forward(self, x_RH: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         counts = ops.group_offsets(counts_E, x_RH.device)  # device offsets on CUDA, else one host copy
-        h_RF = activate(ops.grouped_mm(x_RH, self.w1_EHF.to(x_RH.dtype), counts), self.activation)
-        return ops.grouped_mm(h_RF, self.w2_EFH.to(x_RH.dtype), counts)
+        kept = self.grad_buffers
+        h_RF = activate(ops.grouped_mm(x_RH, self.w1_EHF.to(x_RH.dtype), counts, grad_buffers=kept), self.activation)
+        return ops.grouped_mm(h_RF, self.w2_EFH.to(x_RH.dtype), counts, grad_buffers=kept)
 
 
 class MLP(nn.Module):
