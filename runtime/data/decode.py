@@ -57,31 +57,58 @@ def unpatchify(patches: np.ndarray, image_size: int, patch_size: int) -> np.ndar
     return grid.reshape(image_size, image_size, 3)
 
 
-class ImageTransform:
-    """RGB, shorter side resized to ``image_size``, center crop, normalise, cut into patches."""
+def _resize_size(w: int, h: int, s: int) -> tuple[int, int]:
+    """The size whose shorter side is ``s`` (aspect kept), before the center crop."""
+    scale = s / min(w, h)
+    return max(s, round(w * scale)), max(s, round(h * scale))
 
-    def __init__(self, image_size: int, patch_size: int, mean: Sequence[float], std: Sequence[float]):
+
+class ImageTransform:
+    """RGB, shorter side resized to ``image_size``, center crop, normalise, cut into patches.
+
+    ``jpeg_draft``: a JPEG at least twice the resize target on both sides is decoded at 1/2, 1/4 or
+    1/8 scale (``Image.draft``: libjpeg scales in the DCT, still no smaller than the target), so
+    the decode and the resize touch a fraction of the pixels; the result differs from a full
+    decode by a few levels (tests/test_decode_draft.py). A 512x384 source at 224 px is under
+    2x and decodes in full. Only the crop is resampled (``resize(box=...)``): the same sample
+    positions as resizing all of it and cropping, without computing the discarded columns.
+    """
+
+    def __init__(
+        self, image_size: int, patch_size: int, mean: Sequence[float], std: Sequence[float], *, jpeg_draft: bool = True
+    ):
         self.image_size = image_size
         self.patch_size = patch_size
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
+        self.jpeg_draft = jpeg_draft
+        mean_ = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
+        std_ = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
+        self.mean, self.std = mean_, std_
+        self._scale = (1.0 / (255.0 * std_)).astype(np.float32)  # (x/255 - mean)/std = x*scale - shift
+        self._shift = (mean_ / std_).astype(np.float32)
+
+    def _resized(self, image: Image.Image) -> Image.Image:
+        s = self.image_size
+        if self.jpeg_draft and image.format == "JPEG":
+            image.draft("RGB", _resize_size(*image.size, s))  # no-op once loaded
+        image = image.convert("RGB")
+        w, h = image.size
+        if (w, h) == (s, s):
+            return image
+        nw, nh = _resize_size(w, h, s)
+        left, top = (nw - s) // 2, (nh - s) // 2
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return image.resize((s, s), Image.Resampling.BICUBIC, box=box)
 
     def to_pixels(self, image: Image.Image) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1] at the model's resolution."""
-        s = self.image_size
-        image = image.convert("RGB")
-        w, h = image.size
-        if (w, h) != (s, s):
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - s) // 2, (nh - s) // 2
-            image = image.crop((left, top, left + s, top + s))
-        return np.asarray(image, dtype=np.float32) / 255.0
+        return np.asarray(self._resized(image), dtype=np.float32) / 255.0
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        pixels = (self.to_pixels(image) - self.mean) / self.std  # [H, W, 3]
-        return patchify(pixels.astype(np.float32, copy=False), self.patch_size)
+        pixels = np.asarray(self._resized(image), dtype=np.float32)  # [H, W, 3], 0..255
+        pixels *= self._scale
+        pixels -= self._shift
+        return patchify(pixels, self.patch_size)
 
 
 def caption_ids(text: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:
