@@ -7,9 +7,12 @@ the three timed in interleaved rounds so that machine noise hits them alike.
 
 glibc is told to keep freed memory (``runtime/cpu_memory.py``, what the trainer does on CPU), so
 all three reuse their buffers instead of page-faulting a fresh mmap for every tensor of 32 MiB or
-more; ``--fresh-pages`` keeps glibc's defaults instead (all contenders slow down).
+more; ``--fresh-pages`` keeps glibc's defaults instead (all contenders slow down), as in a user's
+own training loop. There modalmoe's expert weight gradients still come from buffers its
+``GroupedExperts`` keeps between steps (``ops/grad_buffers.py``); ``--fresh-grads`` adds
+modalmoe with fresh ones each step (``grad_buffers=None``) as a contender of the same rounds.
 
-    python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5] [--fresh-pages]
+    python benchmarks/bench_moe.py [--tokens 16384] [--experts 16 64] [--repeats 5] [--fresh-pages] [--fresh-grads]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import time
 
 import torch
-from bench_permute import time_interleaved
+from bench_permute import bench_bandwidth
 from modalmoe import ops
 from modalmoe.runtime.cpu_memory import keep_freed_memory
 from modalmoe.runtime.moe import MoEConfig, MoELayer
@@ -46,13 +49,17 @@ def _deepspeed_moe(H: int, F: int, E: int, k: int):
                min_capacity=4, drop_tokens=True, use_rts=False)
 
 
+_CLOCK = time.perf_counter  # --cpu-time: time.process_time (this process's CPU, robust to other jobs)
+
+
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = _CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return _CLOCK() - t0
 
 
-def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: bool) -> dict[str, float]:
+def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: bool,
+          fresh_grads: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     x = torch.randn(T, H)
     modality = torch.randint(0, 2, (T,))
@@ -74,6 +81,17 @@ def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: 
         ideal.zero_grad(set_to_none=True)
 
     fns = {"ideal": run_ideal, "modalmoe": run_ours}
+    if fresh_grads:
+        plain = MoELayer(MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, activation="gelu"))
+        plain.experts.grad_buffers = None
+
+        def run_plain():
+            xi = x.clone().requires_grad_(True)
+            y, aux = plain(xi, modality)
+            torch.autograd.backward([y, aux.loss], [g, torch.ones(())])
+            plain.zero_grad(set_to_none=True)
+
+        fns["fresh grads"] = run_plain
     if with_deepspeed:
         ds = _deepspeed_moe(H, F, E, k)
 
@@ -93,16 +111,6 @@ def bench(T: int, H: int, F: int, E: int, k: int, repeats: int, with_deepspeed: 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def bench_permute(T: int, H: int, E: int, k: int, repeats: int) -> dict[str, float]:
-    """Median ms of permute and of clone() of the same [T*k, H] rows, in warmed interleaved bursts."""
-    torch.manual_seed(0)
-    x = torch.randn(T, H)
-    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-    rows = x.repeat_interleave(k, 0)
-    fns = {"clone": lambda: rows.clone(), "permute": lambda: ops.permute(x, idx, E)}
-    return {name: median for name, (median, _) in time_interleaved(fns, warmup=3, repeats=repeats).items()}
-
-
 def layer_shape_args(doc: str, repeats: int) -> argparse.ArgumentParser:
     """The layer-benchmark CLI shared with bench_moe_bf16.py: one shape, several expert counts."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,21 +127,33 @@ def main() -> None:
     ap = layer_shape_args(__doc__, repeats=5)
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--fresh-pages", action="store_true", help="keep glibc's malloc defaults")
+    ap.add_argument("--fresh-grads", action="store_true", help="also time modalmoe without its kept weight-grad buffers")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time this process's CPU seconds (user + sys) instead of wall time; with --threads 1 "
+                         "they are the work done, whatever else runs on a shared host")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = ap.parse_args()
+    global _CLOCK
+    if a.cpu_time:
+        _CLOCK = time.process_time
+    if a.threads:
+        torch.set_num_threads(a.threads)
     reuse = not a.fresh_pages and keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, extension: {ops.HAS_EXTENSION}, "
-          f"allocator: {'freed memory reused (as the trainer does)' if reuse else 'glibc defaults (fresh pages)'}")
-    print(f"T={a.tokens} H={a.hidden} F={a.ffn} top-{a.top_k}, fwd+bwd, median of {a.repeats}")
+          f"allocator: {'freed memory reused (as the trainer does)' if reuse else 'glibc defaults (fresh pages)'}, "
+          f"clock: {'process CPU time' if a.cpu_time else 'wall'}")
+    print(f"T={a.tokens} H={a.hidden} F={a.ffn} top-{a.top_k}, fwd+bwd, median of {a.repeats} interleaved rounds; "
+          f"host shared with other jobs ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     for E in a.experts:
-        t = bench(a.tokens, a.hidden, a.ffn, E, a.top_k, a.repeats, not a.no_deepspeed)
+        t = bench(a.tokens, a.hidden, a.ffn, E, a.top_k, a.repeats, not a.no_deepspeed, a.fresh_grads)
         line = f"E={E:3d}: ideal {t['ideal'] * 1e3:7.1f} ms | modalmoe {t['modalmoe'] * 1e3:7.1f} ms = {t['modalmoe'] / t['ideal']:.2f}x ideal"
+        if "fresh grads" in t:
+            line += f" | with fresh weight grads {t['fresh grads'] * 1e3:7.1f} ms = {t['fresh grads'] / t['ideal']:.2f}x ideal"
         if "deepspeed" in t:
             line += f" | deepspeed (cf 1.25) {t['deepspeed'] * 1e3:7.1f} ms = {t['deepspeed'] / t['ideal']:.2f}x ideal"
             line += f" | deepspeed / modalmoe = {t['deepspeed'] / t['modalmoe']:.2f}"
         print(line, flush=True)
-        p = bench_permute(a.tokens, a.hidden, E, a.top_k, 40)
-        print(f"       permute {p['permute']:6.2f} ms vs clone of the same rows {p['clone']:6.2f} ms: "
-              f"{p['clone'] / p['permute']:.2f} of clone bandwidth", flush=True)
+        bench_bandwidth(a.tokens, a.top_k, a.hidden, E, warmup=3, repeats=40)  # permute / unpermute vs copy rate
 
 
 if __name__ == "__main__":
