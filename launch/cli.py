@@ -1,4 +1,4 @@
-"""The ``modalmoe`` command: ``train``, ``data make-demo|tokenizer|convert``, ``checkpoint consolidate``, ``study``.
+"""The ``modalmoe`` command: ``train``, ``plan``, ``data make-demo|tokenizer|convert``, ``checkpoint consolidate``, ``study``.
 
 Every launcher (plain python, deepspeed, srun, mpirun) ends here. Bad flags and configs stop with
 ``error: ...`` naming the field and the fix, before any data is read or process group created.
@@ -28,6 +28,38 @@ def _train_parser(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict each rank's memory for a config and layout, and whether it fits")
+    p.add_argument("--config", help="YAML config file (default: the --preset's file)")
+    p.add_argument("--preset", default="smoke", help="smoke | small | base (used when --config is not given)")
+    p.add_argument("--world", type=int, default=1, help="ranks the job would be launched on")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, as for train")
+    p.add_argument("--device-memory", help="memory per rank to check against: 80GB, 80GiB, 24G (plain numbers are GB)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="the device the job runs on (default: train.device, auto = this machine's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args) -> int:
+    from ..runtime.config import ConfigError
+    from ..train.job_config import load_job_config
+    from ..train.memory_plan import format_plan, parse_memory, plan_memory
+
+    if args.world < 1:
+        raise ConfigError(f"--world: must be >= 1 ranks, got {args.world}")
+    budget = parse_memory(args.device_memory) if args.device_memory is not None else None
+    cfg = load_job_config(_resolve_config_path(args), args.overrides).validate(check_paths=False)
+    plan = plan_memory(cfg, args.world, args.device)
+    if args.json:
+        out = plan.to_dict()
+        if budget is not None:
+            out.update(device_memory=budget, fits=plan.peak <= budget, fits_worst=plan.peak_worst <= budget)
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_plan(plan, budget, cfg))
+    return 0
 
 
 def _data_parser(sub) -> None:
@@ -163,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modalmoe", description="multimodal MoE training runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
+    _plan_parser(sub)
     _data_parser(sub)
     _checkpoint_parser(sub)
     _study_parser(sub)
@@ -174,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     get_logger()
     try:
-        return {"train": _train, "data": _data, "checkpoint": _checkpoint, "study": _study}[args.cmd](args)
+        return {"train": _train, "plan": _plan, "data": _data, "checkpoint": _checkpoint, "study": _study}[args.cmd](args)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

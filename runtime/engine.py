@@ -103,7 +103,7 @@ class _Schedule:
 
 
 class TorchEngine(_Schedule):
-    """One process, no DeepSpeed: AdamW + warmup/cosine + clipping."""
+    """One process, no DeepSpeed: AdamW (or Adafactor) + warmup/cosine + clipping."""
 
     def __init__(self, model: nn.Module, train_cfg, state: ParallelState | None = None):
         t = train_cfg
@@ -138,7 +138,7 @@ def deepspeed_config(train_cfg, data_cfg, parallel_cfg, dp_size: int, dtype: str
         "train_batch_size": data_cfg.batch_size * dp_size,
         # ZeRO-0 clipping in DeepSpeed averages per-rank norms (wrong under EP): we clip ourselves
         "gradient_clipping": train_cfg.grad_clip if zero > 0 else 0.0,
-        "zero_optimization": {"stage": zero},
+        "zero_optimization": {"stage": zero, "reduce_bucket_size": parallel_cfg.reduce_bucket_size},
         # bf16 as autocast over float32 parameters, exactly as the plain engine runs it: float32
         # master weights, optimizer state and grad accumulation, a float32 router and residual
         # stream. DeepSpeed's "bf16" section would cast the whole module (router, its bias
@@ -177,9 +177,16 @@ class DeepSpeedEngine(_Schedule):
             dist_init_required=False,
         )
         self.module = self.engine.module
+        # ZeRO-0: DeepSpeed's backward all-reduces in flattened buckets of a fixed 5e8 elements (2 GB
+        # of float32 copies); we call the same all-reduce ourselves with parallel.reduce_bucket_size
+        self.reduce_bucket_size = parallel_cfg.reduce_bucket_size
+        if self.zero_stage == 0:
+            self.engine.enable_backward_allreduce = False
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        if self.zero_stage == 0:
+            self.engine.allreduce_gradients(bucket_size=self.reduce_bucket_size)
 
     def step(self) -> float:
         """Like TorchEngine.step. The norm is global (identical on every rank), so every rank makes

@@ -1,5 +1,6 @@
-"""The optimizer, its parameter groups and the learning-rate schedule: one builder for both engines,
-so the plain PyTorch engine and DeepSpeed step with the same groups and hyperparameters."""
+"""The optimizer (AdamW, or Adafactor when its state must be small), its parameter groups and the
+learning-rate schedule: one builder for both engines, so the plain PyTorch engine and DeepSpeed step
+with the same groups and hyperparameters."""
 
 from __future__ import annotations
 
@@ -17,16 +18,28 @@ __all__ = ["build_optimizer", "param_groups", "lr_lambda"]
 MAX_EXPERT_GROUP_NUMEL = 178956971
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`param_groups` with the warmup/cosine schedule of :func:`lr_lambda`.
+def build_optimizer(model: nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """``train.optimizer`` over :func:`param_groups` with the warmup/cosine schedule of :func:`lr_lambda`.
 
     AdamW runs over float32 parameters (the master weights under bf16 autocast): on CUDA the fused
     kernel (one launch for all parameters), elsewhere the multi-tensor ``foreach`` one. DeepSpeed
-    takes this optimizer as the client optimizer and, under ZeRO 1/2, wraps it."""
+    takes this optimizer as the client optimizer and, under ZeRO 1/2, wraps it.
+
+    Adafactor (torch's) keeps a row and a column of second-moment statistics per matrix (per
+    expert for the stacked ``[E, F, D]`` expert weights) instead of AdamW's two full moments, and
+    no first moment. Its step is relative: ``lr`` (here the schedule's) times the tensor's RMS, so
+    its ``train.lr`` is of the order of 1e-2, not AdamW's 1e-4. It runs one tensor at a time
+    (``foreach=False``): the step's temporaries are one tensor's size, not the model's, which is
+    why one picks it. The RMS and the update clipping are per tensor, so under EP or TP (a rank
+    holds part of a tensor) the steps are not the single-process ones, unlike AdamW's."""
     t = train_cfg
-    fused = next(model.parameters()).device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8,
-                                  fused=fused or None, foreach=None if fused else True)
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(groups, lr=t.lr, foreach=False)
+    else:
+        fused = next(model.parameters()).device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8,
+                                      fused=fused or None, foreach=None if fused else True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
     return optimizer, scheduler
 

@@ -92,7 +92,8 @@ def continue_from(init: Consolidated, cfg: JobConfig, engine, process: JobProces
     info = init.info
     step = int(info["step"])
     opt = engine.optimizer
-    if init.has_moments and isinstance(getattr(opt, "state", None), dict) and cfg.parallel.zero_stage == 0:
+    adamw = cfg.train.optimizer == "adamw"  # Adafactor's factored statistics are not saved: they restart
+    if adamw and init.has_moments and isinstance(getattr(opt, "state", None), dict) and cfg.parallel.zero_stage == 0:
         moments = init.moments(engine.module)
         for name, p in engine.module.named_parameters():
             m = moments[name]
@@ -102,8 +103,8 @@ def continue_from(init: Consolidated, cfg: JobConfig, engine, process: JobProces
                 "exp_avg_sq": m["exp_avg_sq"].to(p.device),
             }
     elif process.is_main:
-        log.warning("train.init_from %s: optimizer moments not restored (not in the checkpoint, or ZeRO %d); Adam restarts",
-                    cfg.train.init_from, cfg.parallel.zero_stage)
+        log.warning("train.init_from %s: optimizer moments not restored (not in the checkpoint, ZeRO %d, or %s); "
+                    "the optimizer restarts", cfg.train.init_from, cfg.parallel.zero_stage, cfg.train.optimizer)
     engine.set_schedule_step(step)
     if process.is_main:
         log.info("initialised from %s (step %d of %s)", cfg.train.init_from, step, info.get("layout"))

@@ -32,7 +32,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's; Adafactor has no first moment
+    # adamw: two float32 moments per parameter (8 bytes). adafactor (torch.optim.Adafactor): a factored
+    # second moment (a row and a column per matrix), about 0 bytes per parameter, for a model whose
+    # AdamW state does not fit; its lr is relative to each tensor's RMS (runtime/optim.py)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
     grad_clip: float = 1.0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -60,6 +64,10 @@ class TrainConfig:
     device_memory_gb: float = 0.0
     check_memory: bool = True
     cpu_keep_freed_memory: bool = True  # on CPU, glibc keeps freed blocks for reuse (runtime/cpu_memory.py)
+    # on CPU, each expert weight keeps its gradient buffers between steps (ops/grad_buffers.py): no page
+    # faults for them each step, but with model.contrastive_coef > 0 (the MoE layers run twice a step)
+    # they are two more copies of the expert weights beside .grad; false: nothing kept
+    cpu_grad_buffers: bool = True
     # faults (README "When things go wrong")
     collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (gloo/NCCL timeout)
     heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared lost; 0 = no watchdog
@@ -117,6 +125,9 @@ class ParallelConfig:
     ep: int = 1  # carved out of dp: ep must divide dp
     expert_tp: bool = False  # shard each expert over TP too (else experts stay whole on TP ranks)
     zero_stage: int = 0
+    # gradient elements DeepSpeed flattens into one all-reduce (ZeRO-0) or stages in its reduce bucket
+    # (ZeRO-1/2): 4 bytes each while held; smaller costs more collectives (DeepSpeed's default: 5e8)
+    reduce_bucket_size: int = 500_000_000
     # auto: DeepSpeed when the job has several processes, plain PyTorch for one
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     busy_wait: bool = True  # gloo (CPU) collectives poll instead of sleeping, when ranks × threads fit the cores
@@ -128,6 +139,7 @@ class ParallelConfig:
         check(self.tp >= 1, f"{prefix}.tp", f"must be >= 1, got {self.tp}")
         check(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
         check(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (derived), got {self.dp}")
+        check(self.reduce_bucket_size >= 1, f"{prefix}.reduce_bucket_size", f"must be >= 1 element, got {self.reduce_bucket_size}")
         check(
             self.zero_stage in (0, 1, 2),
             f"{prefix}.zero_stage",
@@ -159,6 +171,10 @@ class JobConfig:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        check(self.train.optimizer == "adamw" or self.parallel.zero_stage == 0, "train.optimizer",
+              f"adafactor needs parallel.zero_stage=0, got {self.parallel.zero_stage}: ZeRO-1/2 flatten the "
+              "parameters into 1-D partitions, where Adafactor cannot factor its second moment (it would keep "
+              "a full one, plus ZeRO's float32 master copy); use train.optimizer=adamw with ZeRO")
         for name in SIZE_FIELDS:
             m, d = getattr(self.model, name), getattr(self.data, name)
             check(m == d, f"data.{name}",

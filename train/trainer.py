@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..models.activation_checkpoint import apply_activation_checkpointing
 from ..models.parallelize import build_local_model, check_tp_divisibility
 from ..models.params import count_parameters
 from ..models.transformer import build_model
+from ..ops import GradBuffers
 from ..runtime.data import Tokenizer, build_loader, check_vocab_size
 from ..runtime.engine import DeepSpeedEngine, TorchEngine
 from ..runtime.launch_info import LaunchInfo
@@ -31,6 +33,7 @@ from .checkpointing import Checkpointing, continue_from, load_init
 from .evaluate import evaluate
 from .flops import TrainFlops, peak_tflops
 from .job_config import JobConfig
+from .memory_plan import check_memory_fits
 from .monitors import Monitors
 from .process import check_run_dir, setup_process, uses_deepspeed
 from .report import write_routing_report
@@ -62,6 +65,8 @@ class Trainer:
         check_run_dir(self.run_dir)
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
         check_vocab_size(self.tokenizer, cfg.model.vocab_size)
+        # the memory planner's fit check, on every rank, before any process group or weight exists
+        check_memory_fits(cfg, world, launch.local_world_size, log)
 
         self.process = p = setup_process(cfg, launch, layout, use_deepspeed)
         self.device, self.dtype, self.state = p.device, p.dtype, p.state
@@ -73,6 +78,11 @@ class Trainer:
         init = load_init(cfg)
         model = build_local_model(cfg.model, self.state, expert_tp=par.expert_tp, device=self.device, seed=t.seed,
                                   weights=init)
+        apply_activation_checkpointing(model, t.activation_checkpointing)  # on the sharded layers
+        if not t.cpu_grad_buffers:  # the expert weights' gradients: fresh each backward, none kept
+            for m in model.modules():
+                if isinstance(getattr(m, "grad_buffers", None), GradBuffers):
+                    m.grad_buffers.per_shape = 0
         self.engine = DeepSpeedEngine(model, t, cfg.data, par, self.state) if use_deepspeed else TorchEngine(model, t)
         self.model = self.engine.module
         p.idle_io_threads()
