@@ -2,8 +2,10 @@
 
 ``modalmoe study NAME`` loads ``launch/studies/NAME.yaml`` (:mod:`.spec`), trains every (arm, seed)
 as an ordinary resumable run (:mod:`.runner`), probes each run's routing and experts on fixed tokens
-(:mod:`.probe`), and writes a markdown + PNG report (:mod:`.aggregate`, :mod:`.report`). The metrics
-are pure functions in :mod:`.metrics`.
+(:mod:`.probe`, expert / concept MI in :mod:`.concepts`), and writes a markdown + PNG report
+(:mod:`.aggregate`, :mod:`.report`, :mod:`.sections`; expert compute per modality in :mod:`.compute`).
+The synthetic separation experiment (:mod:`.separation`) needs no training run. The metrics are pure
+functions in :mod:`.metrics`.
 """
 
 from .metrics import (

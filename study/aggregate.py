@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.modality import MODALITY_NAMES
+from ..train.job_config import load_job_config
 from . import metrics as sm
+from .compute import capacity_record
 from .spec import StudySpec, run_dir_name
 
 __all__ = ["collect", "mean_std", "HEADLINE"]
@@ -102,7 +104,8 @@ def _run_record(runs: _Runs, arm: str, seed: int) -> dict | None:
     E = a["num_experts"]
     primary = spec.primary_data
     own = spec.arm_data(arm)
-    layers = a["probe"].get(own, a["probe"][primary])["layers"]  # tested where it was trained
+    probe_ds = own if own in a["probe"] else primary  # tested where it was trained
+    layers = a["probe"][probe_ds]["layers"]
     ev = a["eval"].get(own, {})
     rows = _rows(runs.dir(arm, seed))
     train = [r for r in rows if r["split"] == "train"]
@@ -132,6 +135,9 @@ def _run_record(runs: _Runs, arm: str, seed: int) -> dict | None:
         "train_spec": [[r["step"], r["routing/specialisation"]] for r in train if "routing/specialisation" in r],
         "track_spec": [[t["step"], [lay["specialisation"] for lay in t["layers"]]] for t in a["track"]],
     }
+    cfg_path = runs.dir(arm, seed) / "config.yaml"
+    if cfg_path.is_file():  # expert compute and capacity per modality (study/compute.py)
+        rec.update(capacity_record(load_job_config(cfg_path).model, layers, runs.routes(arm, seed)[f"modality/{probe_ds}"]))
     _similarity(runs, rec, E)
     _transfer(runs, rec, a, E)
     return rec

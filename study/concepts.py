@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CONCEPTS", "SPECIALIST_U", "binary_entropy_bits", "binary_mi_bits", "conditional_mi_bits",
-           "expert_concept_mi", "specialists", "word_concepts", "patch_concepts", "probe_concepts"]
+           "expert_concept_mi", "specialists", "word_concepts", "patch_concepts", "probe_concepts", "concept_analysis"]
 
 SPECIALIST_U = 0.2
 
@@ -197,3 +197,30 @@ def _row(labels: set[str], col: dict[str, int]) -> np.ndarray:
     for c in labels:
         r[col[c]] = True
     return r
+
+
+def concept_analysis(routed_LNE: list, concepts_NC, modality_N, layers: list[int]) -> dict:
+    """JSON-ready per-run output: per MoE layer the [E][C] normalised MI u and within-modality cu,
+    each expert's modality score, and the experts that specialise to a concept (expert, concept, cu,
+    u_modality, [p(m)·I(r_e; c | m) per modality]: in which modality it does). Concepts that no
+    probe token carries are left out (their MI is 0 by construction)."""
+    c = np.asarray(concepts_NC, dtype=bool)
+    for routed in routed_LNE:
+        if len(routed) != len(c) or len(c) != len(modality_N):
+            raise ValueError(f"concept labels ({len(c)} tokens) and routing ({len(routed)}) / modality ({len(modality_N)}) "
+                             "must describe the same probe tokens")
+    present = [j for j in range(c.shape[1]) if c[:, j].any()]
+    names = [CONCEPTS[j] for j in present]
+    m = np.asarray(modality_N)
+    out = {"concepts": names, "counts": [int(c[:, j].sum()) for j in present], "layers": []}
+    for layer, routed in zip(layers, routed_LNE):
+        r = np.asarray(routed, dtype=bool)
+        mi = expert_concept_mi(r, c[:, present], m)
+        found = []
+        for e, name, cu, um in specialists(mi, names):
+            j = CONCEPTS.index(name)
+            # where the within-modality MI sits: p(m) · I(r_e; c | m = each modality), bits
+            parts = [float((m == v).mean() * binary_mi_bits(r[m == v, e], c[m == v, j])) for v in range(int(m.max(initial=0)) + 1)]
+            found.append([e, name, cu, um, parts])
+        out["layers"].append({"layer": layer, "u": mi["u"], "cu": mi["cu"], "u_modality": mi["u_modality"], "specialists": found})
+    return out

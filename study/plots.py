@@ -16,7 +16,8 @@ import numpy as np
 from ..runtime.modality import MODALITY_NAMES
 from .spec import StudySpec, run_dir_name
 
-__all__ = ["arm_colour", "arm_label", "n_layers", "plot_bars", "plot_cka", "plot_eval_curves", "plot_load", "plot_per_layer", "plot_transfer"]
+__all__ = ["arm_colour", "arm_label", "n_layers", "plot_bars", "plot_cka", "plot_eval_curves", "plot_load", "plot_per_layer",
+           "plot_concepts", "plot_frontier", "plot_separation", "plot_transfer"]
 
 _DPI = 110
 _COLOURS = plt.get_cmap("tab10").colors
@@ -238,4 +239,126 @@ def plot_transfer(spec: StudySpec, arms: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+    plt.close(fig)
+
+
+def plot_separation(summary: dict, target: float, path: Path) -> None:
+    """Per modality offset: routing accuracy vs router parameters (mean ± std over seeds), the
+    target and the Bayes-optimal accuracies; last panel: the parameters each arm needs vs the offset."""
+    offsets = list(summary)
+    arms = list(next(iter(summary.values()))["arms"])
+    fig, axes = plt.subplots(1, len(offsets) + 1, figsize=(3.6 * (len(offsets) + 1), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], offsets):
+        entry = summary[key]
+        for j, arm in enumerate(arms):
+            c = entry["arms"][arm]["curve"]
+            x = np.array([p["params"] for p in c])
+            m = np.array([p["accuracy"][0] for p in c])
+            sd = np.array([p["accuracy"][1] for p in c])
+            ax.plot(x, m, marker="o", markersize=2.5, color=_COLOURS[j], label=arm, linewidth=1.4)
+            ax.fill_between(x, m - sd, m + sd, color=_COLOURS[j], alpha=0.2, linewidth=0)
+        b = entry["bayes"]
+        ax.axhline(target, color="black", linewidth=0.8, linestyle=":")
+        ax.axhline(b["aware_accuracy"][0], color="grey", linewidth=0.8, linestyle="--")
+        ax.axhline(b["agnostic_accuracy"][0], color="grey", linewidth=0.8, linestyle="-.")
+        ax.set_title(f"modality offset {key}\n(Bayes: -- with modality, -. without)", fontsize=9)
+        ax.set_xlabel("router parameters")
+        ax.set_ylabel("routing accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    ax = axes[0][-1]
+    xs = [float(k) for k in offsets]
+    for j, arm in enumerate(arms):
+        need = [summary[k]["arms"][arm]["needed"]["accuracy"] for k in offsets]
+        m = [n["params"][0] if n["reached"] else math.nan for n in need]
+        sd = [n["params"][1] if n["reached"] else 0.0 for n in need]
+        ax.errorbar(np.array(xs) + 0.08 * (j - 1), m, yerr=sd, marker="o", capsize=3, color=_COLOURS[j], label=arm)
+        for x, n in zip(xs, need):
+            if not n["reached"]:
+                ax.annotate("never", (x + 0.08 * (j - 1), 0.5 - 0.07 * j), color=_COLOURS[j], fontsize=7,
+                            xycoords=("data", "axes fraction"), ha="center")
+    ax.set_xlabel("modality offset s (noise units)")
+    ax.set_ylabel(f"parameters to reach accuracy {target:g}")
+    ax.set_title("router parameters needed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _frontier(xs: list[float], ys: list[float], lower_is_better: bool) -> list[int]:
+    """Indices of the points no other point beats at no more compute, by compute."""
+    sign = 1 if lower_is_better else -1
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], sign * ys[i]))
+    keep, best = [], math.inf
+    for i in order:
+        if math.isfinite(ys[i]) and sign * ys[i] < best:
+            keep.append(i)
+            best = sign * ys[i]
+    return keep
+
+
+def plot_frontier(spec: StudySpec, arms: dict, names: list[str], path: Path) -> None:
+    """Quality against the MoE FLOPs per token, overall and per modality, with the Pareto frontier."""
+    names = [a for a in names if a in arms and "moe_flops" in arms[a]]
+    if not names:
+        return
+    panels = [("moe_flops", "caption_loss", "eval caption loss", True, "mean over the probe's tokens"),
+              ("moe_flops_text", "caption_loss", "eval caption loss", True, "per text token"),
+              ("moe_flops_image", "image_explained_loss", "loss the image explains", False, "per image token"),
+              ("moe_flops_image", "retrieval_r1", "retrieval R@1", False, "per image token")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (xk, yk, ylabel, lower, xtitle) in zip(axes, panels):
+        xs = [arms[a][xk][0] / 1e6 for a in names]
+        ys = [arms[a].get(yk, [math.nan, 0, 0])[0] for a in names]
+        es = [arms[a].get(yk, [math.nan, 0, 0])[1] for a in names]
+        for a, x, y, e in zip(names, xs, ys, es):
+            ax.errorbar([x], [y], yerr=[e], marker="o", capsize=3, color=arm_colour(spec, a), label=arm_label(spec, a))
+        front = _frontier(xs, ys, lower)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], color="black", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"MoE MFLOPs (forward) {xtitle}", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"quality vs expert compute, mean ± std over {len(spec.seeds)} seeds (dashed: the frontier)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_concepts(spec: StudySpec, out: Path, arms_shown: list[str], path: Path) -> None:
+    """Per arm (first seed) and MoE layer: expert × concept normalised MI, overall and within modality."""
+    seed = spec.seeds[0]
+    runs = {}
+    for a in arms_shown:
+        p = out / "runs" / run_dir_name(a, seed) / "concepts.json"
+        an = _analysis(out, a, seed)
+        if p.is_file() and an is not None and json.loads(p.read_text()).get("available"):
+            runs[a] = (json.loads(p.read_text()), an)
+    if not runs:
+        return
+    n = len(next(iter(runs.values()))[0]["layers"])
+    rows = [(a, kind) for a in runs for kind in ("u", "cu")]
+    names = next(iter(runs.values()))[0]["concepts"]
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.32 * len(names) * n + 1.5, 0.3 * 8 * len(rows) + 1.6),
+                             squeeze=False, layout="constrained")
+    vmax = max(0.2, max(float(np.max(lay[k])) for c, _ in runs.values() for lay in c["layers"] for k in ("u", "cu")))
+    im = None
+    for r, (a, kind) in enumerate(rows):
+        c, an = runs[a]
+        for li, lay in enumerate(c["layers"]):
+            load = np.array(an["probe"][c["data"]]["layers"][li]["load_ME"])
+            order = _sorted_experts(load)
+            ax = axes[r, li]
+            im = ax.imshow(np.array(lay[kind])[order], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+            ax.set_yticks(range(len(order)), [str(e) for e in order], fontsize=6)
+            ax.set_xticks(range(len(names)), [x.split(":")[1] for x in names], fontsize=6, rotation=90)
+            what = "u(e; c)" if kind == "u" else "u(e; c | modality)"
+            ax.set_title(f"{arm_label(spec, a)}, layer {lay['layer']}: {what}", fontsize=8)
+            ax.set_ylabel("expert (image-leaning first)", fontsize=7)
+    fig.colorbar(im, ax=axes, fraction=0.02)
+    fig.suptitle(f"normalised mutual information between routing to an expert and a concept (seed {seed})", fontsize=9)
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)

@@ -39,6 +39,7 @@ class LayerProbe:
     load_ME: np.ndarray  # routed slots per (modality, expert), all top-k slots
     top1_N: np.ndarray  # int16 top-1 expert of each real probe token
     cka: dict[str, np.ndarray] | None  # "all" / modality name → [E, E] pairwise linear CKA
+    routed_NE: np.ndarray | None = None  # bool: token routed to the expert in any of its top-k slots
 
 
 def load_probe_batches(data: DataConfig, eval_shards: list[str], tokenizer: str, batches: int, batch_size: int) -> ProbeBatches:
@@ -112,7 +113,10 @@ def probe_model(model: torch.nn.Module, probe: ProbeBatches, *, cka_tokens: int 
         cka = None
         if cka_tokens:
             cka = _expert_cka(moe, x_NH, mod_N, cka_tokens, names, device)
-        out.append(LayerProbe(i, load_ME, top1_N, cka))
+        routed_NE = np.zeros((len(mod_N), E), dtype=bool)
+        rows, slots = routed.nonzero(as_tuple=True)
+        routed_NE[rows.numpy(), idx_Nk[rows, slots].numpy()] = True
+        out.append(LayerProbe(i, load_ME, top1_N, cka, routed_NE))
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..runtime.modality import MODALITY_NAMES
 from .aggregate import HEADLINE, collect
 from .plots import arm_label, n_layers, plot_bars, plot_cka, plot_eval_curves, plot_load, plot_per_layer, plot_transfer
+from .sections import compute_section, concepts_section, separation_section
 from .spec import StudySpec, run_dir_name
 
 __all__ = ["write_study_report", "delta"]
@@ -166,6 +167,14 @@ def write_study_report(spec: StudySpec, out: str | Path) -> Path:
             md += _cka_section(spec, arms, names, out, plots)
         elif e.kind == "transfer":
             md += _transfer_section(spec, arms, plots)
+        elif e.kind == "separation":
+            md += separation_section(spec, out, plots)
+        elif e.kind == "concepts":
+            md += concepts_section(spec, out, names, plots)
+        elif e.kind == "compute":
+            md += compute_section(spec, arms, names, plots)
+            md += _verdicts(spec, arms, names[0], names[1:], keys=(("caption_loss", "eval caption loss"),
+                            ("image_explained_loss", "loss the image explains"), ("retrieval_r1", "R@1"))) + [""]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -3,8 +3,8 @@
 Each run is an ordinary training run in ``<out>/runs/<arm>-s<seed>/`` with ``train.resume=true``:
 a run whose ``summary.json`` exists is complete and skipped, an interrupted one continues from its
 latest checkpoint, and a run folder made from a different config is refused rather than mixed.
-Arms with a derived load-balance target run after the arm they take it from. Runs execute one after
-another in this process, or (``jobs > 1``) as parallel ``modalmoe train`` subprocesses, one GPU
+Arms with a derived load-balance target run after the arm they take it from (as soon as it is done,
+not after the whole grid). Runs execute one after another in this process, or (``jobs > 1``) as parallel ``modalmoe train`` subprocesses, one GPU
 each when several are visible.
 """
 
@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import yaml
 
-from ..runtime.config import ConfigError
+from ..runtime.config import ConfigError, to_dict
 from ..runtime.data import Tokenizer, build_loader, make_demo
 from ..runtime.modality import MODALITY_NAMES
 from ..train.evaluate import evaluate
 from ..train.job_config import JobConfig
 from ..train.trainer import Trainer
 from . import metrics as sm
+from .concepts import concept_analysis, probe_concepts
 from .probe import (
     ProbeBatches,
     list_checkpoints,
@@ -40,16 +41,20 @@ from .probe import (
     probe_model,
     summarise_layer,
 )
+from .separation import run_separation
 from .shifted_data import make_shifted_demo
 from .report import write_study_report
 from .spec import StudySpec, run_dir_name
 
-__all__ = ["RunPlan", "StudyRunner", "ANALYSIS_VERSION"]
+__all__ = ["RunPlan", "StudyRunner", "ANALYSIS_VERSION", "CONCEPTS_VERSION", "SEPARATION_VERSION"]
 
 ANALYSIS_VERSION = 1
+SEPARATION_VERSION = 1
+CONCEPTS_VERSION = 2  # 2: each specialist says in which modality it specialises
 # fields that may differ between invocations without changing what a run computes
 _IGNORED = {("train", "progress"), ("train", "tensorboard"), ("train", "threads"), ("train", "report"),
             ("train", "device"), ("data", "num_workers"), ("data", "prefetch_factor"),
+            ("train", "cpu_grad_buffers"),  # memory only: the same kernels and losses either way
             # folders written before the data sizes were derived from the model still list them
             ("data", "image_size"), ("data", "patch_size"), ("data", "max_text_len")}
 
@@ -83,12 +88,17 @@ class StudyRunner:
         self.log = log
         self._data_paths: dict[str, dict] | None = None
         self._probes: dict[tuple, ProbeBatches] = {}
+        self._concept_labels: dict[tuple, np.ndarray | None] = {}
 
     # ---- plan ---------------------------------------------------------------------------------
 
     def plans(self) -> list[RunPlan]:
-        """Every (arm, seed), arms without a derived target first."""
-        arms = sorted(self.spec.arms, key=lambda a: bool(self.spec.arms[a].target_from))
+        """Every (arm, seed) in the study's arm order, except that an arm with a derived target comes
+        right after the arm it takes it from (so it need not wait for the whole grid)."""
+        arms = []
+        for a, arm in self.spec.arms.items():
+            if not arm.target_from:
+                arms += [a] + [d for d, x in self.spec.arms.items() if x.target_from == a]
         return [RunPlan(a, s, self.out / "runs" / run_dir_name(a, s)) for a in arms for s in self.spec.seeds]
 
     @staticmethod
@@ -259,6 +269,34 @@ class StudyRunner:
         (plan.run_dir / "analysis.json").write_text(json.dumps(analysis) + "\n")
         return f"probed {len(ckpts)} checkpoint(s)"
 
+    def concepts(self, plan: RunPlan) -> str:
+        """Expert / concept mutual information of the final checkpoint on the primary probe tokens, into
+        ``concepts.json`` (its own file, so runs analysed before it existed gain it without a re-probe)."""
+        path = plan.run_dir / "concepts.json"
+        try:
+            if json.loads(path.read_text()).get("version") == CONCEPTS_VERSION:
+                return "concepts skipped"
+        except (OSError, ValueError):
+            pass
+        ckpts = list_checkpoints(plan.run_dir)
+        if not ckpts:
+            raise RuntimeError(f"run {plan.name} has no checkpoint to probe in {plan.run_dir / 'checkpoints'}")
+        model, cfg = load_model(plan.run_dir, ckpts[-1][1], "cpu")
+        ds = self.spec.primary_data
+        batches = self._probe_batches(ds, cfg)
+        d = cfg.data
+        key = (ds, d.image_size, d.patch_size, d.max_text_len)
+        if key not in self._concept_labels:
+            paths = self.data_paths()[ds]
+            self._concept_labels[key] = probe_concepts(batches.batches, paths["eval"], paths["tokenizer"], d.image_size, d.patch_size)
+        labels = self._concept_labels[key]
+        out = {"version": CONCEPTS_VERSION, "data": ds, "available": labels is not None}
+        if labels is not None:
+            layers = probe_model(model, batches)
+            out.update(concept_analysis([p.routed_NE for p in layers], labels, batches.modality_N, [p.layer for p in layers]))
+        path.write_text(json.dumps(out) + "\n")
+        return "concepts measured" if labels is not None else "no concept labels (not a demo set)"
+
     def prune(self, plan: RunPlan) -> None:
         """Once a run is probed its tracked checkpoints have served; keep only the final (resume) one."""
         if self.spec.keep_tracked_checkpoints or not self.is_analysed(plan):
@@ -277,33 +315,66 @@ class StudyRunner:
         return evaluate(model, loader, torch.device(device), max_batches=cfg.train.eval_batches,
                         retrieval_size=cfg.train.retrieval_size, pad_id=tok.pad_id, vocab_size=cfg.model.vocab_size)
 
+    # ---- the synthetic separation experiment -----------------------------------------------------
+
+    def separation(self) -> str:
+        """Run the study's ``separation`` block into ``separation.json``, unless that file holds the
+        result of the same block already (change a field and it reruns; it takes a minute or two)."""
+        sep = self.spec.separation
+        if sep is None:
+            return "no separation experiment"
+        path = self.out / "separation.json"
+        want = to_dict(sep)
+        try:
+            old = json.loads(path.read_text())
+            if old.get("version") == SEPARATION_VERSION and old.get("spec") == want:
+                return "separation: same block, skipped"
+        except (OSError, ValueError):
+            pass
+        t0 = time.perf_counter()
+        result = run_separation(sep, log=self.log)
+        seconds = time.perf_counter() - t0
+        path.write_text(json.dumps({"version": SEPARATION_VERSION, "spec": want, "seconds": seconds, **result}) + "\n")
+        return f"separation: {len(result['fits'])} routers trained in {seconds:.0f} s"
+
     # ---- the whole study ------------------------------------------------------------------------
 
     def _one(self, plan: RunPlan, index: int, total: int) -> bool:
-        trained = self.train(plan)
-        analysed = self.analyse(plan)
-        self.prune(plan)
-        self.log(f"[{index}/{total}] {plan.name}: {trained}; {analysed}")
+        try:
+            trained = self.train(plan)
+            analysed = self.analyse(plan)
+            concepts = self.concepts(plan)
+            self.prune(plan)
+        except Exception as e:  # said at once: with --jobs the exception surfaces only when the grid is done
+            self.log(f"[{index}/{total}] {plan.name}: failed: {type(e).__name__}: {e}")
+            raise
+        self.log(f"[{index}/{total}] {plan.name}: {trained}; {analysed}; {concepts}")
         return trained.startswith("trained")
+
+    def _after(self, sources: list, plan: RunPlan, index: int, total: int) -> bool:
+        for f in sources:
+            f.result()
+        return self._one(plan, index, total)
 
     def run(self, *, report: bool = True) -> Path | None:
         """Everything: data, runs (skipping complete ones), analysis, report. Returns the report path."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "study.yaml").write_text(yaml.safe_dump(_spec_dict(self.spec), sort_keys=False))
+        self.log(self.separation())
         self.data_paths()
         plans = self.plans()
-        stages = [[p for p in plans if not self.spec.arms[p.arm].target_from],
-                  [p for p in plans if self.spec.arms[p.arm].target_from]]
         t0 = time.perf_counter()
-        index, trained = 0, 0
-        for stage in stages:
-            numbered = [(p, index + i + 1) for i, p in enumerate(stage)]
-            index += len(stage)
-            if self.jobs > 1 and len(stage) > 1:
-                with ThreadPoolExecutor(self.jobs) as pool:
-                    trained += sum(f.result() for f in [pool.submit(self._one, p, i, len(plans)) for p, i in numbered])
-            else:
-                trained += sum(self._one(p, i, len(plans)) for p, i in numbered)
+        if self.jobs > 1:
+            # a derived arm's runs wait for every run of their source arm; those were submitted earlier,
+            # so (first in, first out) they already hold a worker and the wait cannot deadlock
+            futures: dict[str, list] = {}
+            with ThreadPoolExecutor(self.jobs) as pool:
+                for i, p in enumerate(plans, 1):
+                    sources = futures.get(self.spec.arms[p.arm].target_from, [])
+                    futures.setdefault(p.arm, []).append(pool.submit(self._after, sources, p, i, len(plans)))
+                trained = sum(f.result() for fs in futures.values() for f in fs)
+        else:
+            trained = sum(self._one(p, i, len(plans)) for i, p in enumerate(plans, 1))
         seconds = time.perf_counter() - t0
         self.log(f"all {len(plans)} runs done in {seconds:.0f} s ({trained} trained now)")
         if trained:  # the end-to-end time of the last invocation that trained something, for the report

@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 from ..runtime.config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from ..train.job_config import JobConfig, load_job_config
+from .separation import SeparationSpec
 from .shifted_data import ShiftSpec
 
 __all__ = [
     "STUDY_DIR",
     "DataSpec",
     "ProbeSpec",
+    "SeparationSpec",
     "ArmSpec",
     "TransferSpec",
     "ExperimentSpec",
@@ -90,7 +92,9 @@ class TransferSpec:
 class ExperimentSpec:
     title: str = ""
     question: str = ""
-    kind: Literal["compare", "dynamics", "cka", "transfer"] = "compare"
+    # compare | dynamics | cka | transfer | separation (the synthetic router-capacity experiment, the
+    # study's `separation` block) | compute (quality vs active FLOPs per modality) | concepts (expert/concept MI)
+    kind: Literal["compare", "dynamics", "cka", "transfer", "separation", "compute", "concepts"] = "compare"
     arms: list[str] = field(default_factory=list)
 
 
@@ -109,6 +113,7 @@ class StudySpec:
     arms: dict[str, ArmSpec] = field(default_factory=dict)
     reference: str = ""  # routing similarity is measured against this arm (same seed)
     transfer: TransferSpec | None = None
+    separation: SeparationSpec | None = None  # the synthetic experiment, run before the trainings
     experiments: list[ExperimentSpec] = field(default_factory=list)
     job_overrides: list[str] = field(default_factory=list)  # from the command line, for every run
 
@@ -166,9 +171,15 @@ class StudySpec:
             check(t.to in self.probe_datasets(), "study.transfer.to", "must be one of the probe data sets")
             for a in list(t.arms) + list(t.trained_on_target.values()):
                 check(a in self.arms, "study.transfer", f"{a!r} is not an arm")
+        if self.separation is not None:
+            self.separation.validate("study.separation")
         for e in self.experiments:
             for a in e.arms:
                 check(a in self.arms, f"study.experiments[{e.title!r}]", f"{a!r} is not an arm")
+            check(e.kind != "separation" or self.separation is not None, f"study.experiments[{e.title!r}]",
+                  "kind separation needs the study's `separation:` block (its data, ranks and seeds)")
+            check(e.kind not in ("compute", "concepts") or bool(e.arms), f"study.experiments[{e.title!r}]",
+                  f"kind {e.kind} needs the arms to compare")
         return self
 
     def job_config(self, arm: str, seed: int, run_dir: Path, data_paths: dict[str, dict], target: list[list[float]] | None) -> JobConfig:
