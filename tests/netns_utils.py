@@ -253,16 +253,3 @@ class TwoNodeSlurm(SlurmCluster):
             if path.is_file():
                 out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-lines:]))
         return "\n".join(out)
-
-    def stop(self) -> None:
-        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.cmd("scancel", "--user", str(os.getuid()), check=False)
-        for name in ("slurmd-node1", "slurmd-node2", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()

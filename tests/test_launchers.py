@@ -300,9 +300,8 @@ PartitionName=ci Nodes={partition} Default=YES MaxTime=INFINITE State=UP
     def stop(self) -> None:
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.cmd("scancel", "--user", str(os.getuid()), check=False)
-        for name in ("slurmd", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is not None and p.poll() is None:
+        for p in reversed(list(self.procs.values())):  # the slurmds, slurmctld, then munged
+            if p.poll() is None:
                 p.terminate()
                 try:
                     p.wait(timeout=20)
