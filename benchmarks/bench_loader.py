@@ -40,7 +40,7 @@ import webdataset as wds
 from modalmoe.models import build_model
 from modalmoe.models.params import count_parameters
 from modalmoe.runtime.data import DataConfig
-from modalmoe.runtime.data.decode import ImageTransform, SampleDecoder
+from modalmoe.runtime.data.decode import ImageTransform, SampleDecoder, resize_then_crop
 from modalmoe.runtime.data.loader import build_loader
 from modalmoe.runtime.data.pipeline import SampleStream
 from modalmoe.runtime.data.tokenizer import train_tokenizer
@@ -84,14 +84,7 @@ def write_shards(out: Path, samples: int, per_shard: int, w: int, h: int) -> lis
 def hand_written_decode(raw: dict, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """What users write (and the library did before): full decode, resize, crop, normalise."""
     with Image.open(io.BytesIO(raw["jpg"])) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        pixels = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    return (pixels - mean) / std
+        return (resize_then_crop(im, size) - mean) / std
 
 
 def preset_step() -> tuple[int, float]:

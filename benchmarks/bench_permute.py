@@ -5,7 +5,8 @@ index maps, gate weights) over its time, and the ceiling is ``dst.copy_(src)`` m
 number of bytes (half read, half written, preallocated), timed in the same interleaved rounds:
 ``op rate / copy rate`` near 1 means the op runs at memory speed (target >= 0.85). The backward
 ops are the ones the registered autograd runs: permute's is ``combine_rows`` without weights,
-unpermute's ``gather_rows`` with weights plus ``slot_dot`` (the gate weights' gradient). The
+unpermute's ``combine_rows_backward`` (both gradients, the rows' and the gate weights', in one pass
+that reads the [T, H] gradient once; the two ops ``gather_rows`` + ``slot_dot`` before it). The
 pure-PyTorch index_select / index_add path (the ops' reference) is timed in a second table.
 Medians are reported (minima too: on a shared, busy machine the median picks up preemption).
 By default glibc is told to reuse freed memory (``runtime/cpu_memory.py``, as the trainer does
@@ -73,9 +74,8 @@ def bench_bandwidth(T: int, k: int, H: int, E: int, *, warmup: int, repeats: int
                         R * H * f + S * i64, T * H * f),
         "unpermute fwd": (lambda: ops.unpermute(x_perm_RH, plan, topk_w_Tk),
                           R * H * f + S * i64 + S * w, T * H * f),
-        "unpermute bwd": (lambda: (mm.gather_rows(g_TH, plan.src_slot, plan.row_of, topk_w_Tk),
-                                   mm.slot_dot(g_TH, x_perm_RH, plan.row_of, topk_w_Tk.dtype)),
-                          (T * H * f + R * i64 + S * w) + (T * H * f + R * H * f + S * i64), R * H * f + S * w),
+        "unpermute bwd": (lambda: mm.combine_rows_backward(g_TH, x_perm_RH, plan.row_of, plan.src_slot, topk_w_Tk),
+                          T * H * f + R * H * f + S * i64 + R * i64 + S * w, R * H * f + S * w),
     }
     fns: dict[str, Callable[[], object]] = {}
     for name, (fn, read, written) in cases.items():

@@ -43,6 +43,13 @@ at::Tensor combine_rows_cpu(const at::Tensor& y_RH, const at::Tensor& row_of_Tk,
 at::Tensor slot_dot_cpu(const at::Tensor& tokens_TH, const at::Tensor& rows_RH,
                         const at::Tensor& row_of_Tk, c10::ScalarType dtype);
 
+// combine_rows' two gradients in one pass: (grad_y [R, H] = gather_rows(grad, src_slot, row_of, weights),
+// grad_weights [T, k] = slot_dot(grad, y_perm, row_of) in the weights' dtype).
+std::tuple<at::Tensor, at::Tensor> combine_rows_backward_cpu(const at::Tensor& grad_TH, const at::Tensor& y_RH,
+                                                             const at::Tensor& row_of_Tk,
+                                                             const at::Tensor& src_slot_R,
+                                                             const at::Tensor& weights_Tk);
+
 // CPU ops that read + write at least this many bytes store their output non-temporally; < 0
 // restores the default (the last-level cache size). Returns the previous setting. For tests and tuning.
 int64_t set_streaming_min_bytes(int64_t bytes);

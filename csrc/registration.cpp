@@ -40,6 +40,9 @@ TORCH_LIBRARY(modalmoe, m) {
   m.def("gather_rows(Tensor x, Tensor src_slot, Tensor row_of, Tensor? weights) -> Tensor");
   m.def("combine_rows(Tensor y_perm, Tensor row_of, Tensor src_slot, Tensor? weights) -> Tensor");
   m.def("slot_dot(Tensor tokens, Tensor rows, Tensor row_of, ScalarType dtype) -> Tensor");
+  m.def(
+      "combine_rows_backward(Tensor grad, Tensor y_perm, Tensor row_of, Tensor src_slot, Tensor weights) -> "
+      "(Tensor grad_y_perm, Tensor grad_weights)");
   m.def("grouped_mm(Tensor x, Tensor w, int[] offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad, int[] offsets) -> Tensor");
   m.def("grouped_mm_weight_grad_out(Tensor x, Tensor grad, int[] offsets, Tensor(a!) out) -> ()");

@@ -11,7 +11,7 @@ import torch
 from .plan import PermutePlan, check_permute_args
 
 __all__ = ["plan_reference", "permute_reference", "gather_rows_reference", "unpermute_reference",
-           "grouped_mm_reference", "swiglu_reference", "top_k_rows_reference"]
+           "combine_rows_backward_reference", "grouped_mm_reference", "swiglu_reference", "top_k_rows_reference"]
 
 
 def plan_reference(
@@ -96,6 +96,24 @@ def unpermute_reference(
         contrib_nH = contrib_nH * topk_weights_Tk.reshape(-1)[slots_n].to(acc_dtype).unsqueeze(1)
     y_TH = contrib_nH.new_zeros(plan.num_tokens, y_perm_RH.shape[1])
     return y_TH.index_add(0, slots_n // plan.top_k, contrib_nH).to(y_perm_RH.dtype)
+
+
+def combine_rows_backward_reference(
+    grad_TH: torch.Tensor, y_RH: torch.Tensor, row_of_Tk: torch.Tensor, src_slot_R: torch.Tensor,
+    weights_Tk: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for ``modalmoe::combine_rows_backward``, the gradients of the weighted combine:
+    ``grad_y[r] = w[s] * grad[s // k]`` for ``s = src_slot[r]`` (zero rows where s = -1) in y's dtype,
+    and ``grad_w[s] = <grad[s // k], y[row_of[s]]>`` (zero where row_of = -1), summed in float32+, in
+    the weights' dtype."""
+    T, k = row_of_Tk.shape
+    acc_dtype = torch.float64 if y_RH.dtype == torch.float64 else torch.float32
+    grad_y_RH = gather_rows_reference(grad_TH, src_slot_R, row_of_Tk, weights_Tk)
+    row_of_S = row_of_Tk.reshape(-1)
+    y_SH = y_RH.index_select(0, row_of_S.clamp_min(0)).to(acc_dtype)
+    g_SH = grad_TH.to(acc_dtype).repeat_interleave(k, dim=0)
+    dot_S = torch.where(row_of_S >= 0, (g_SH * y_SH).sum(1), 0.0)
+    return grad_y_RH, dot_S.view(T, k).to(weights_Tk.dtype)
 
 
 def grouped_mm_reference(x_RK: torch.Tensor, w_EKN: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:

@@ -59,6 +59,15 @@ def _register_python_kernels() -> None:
         def _(x_RK, grad_RN, offsets, out):
             return None
 
+    fused_combine_backward = hasattr(ops, "combine_rows_backward")  # CPU only; absent from older builds
+    if fused_combine_backward:
+
+        @torch.library.register_fake("modalmoe::combine_rows_backward")
+        def _(grad_TH, y_RH, row_of_Tk, src_slot_R, weights_Tk):
+            torch._check(grad_TH.shape[0] == row_of_Tk.shape[0])
+            torch._check(y_RH.shape[0] == src_slot_R.shape[0])
+            return y_RH.new_empty(y_RH.shape), weights_Tk.new_empty(weights_Tk.shape)
+
     # gather_rows and combine_rows are adjoint: each one's input gradient is the other op.
     def save_rows_plan_weights(ctx, inputs, output):
         values, first_map, second_map, weights = inputs
@@ -74,7 +83,14 @@ def _register_python_kernels() -> None:
         return grad_x, None, None, grad_w
 
     def combine_rows_backward(ctx, grad_TH):
+        """Both gradients from one pass over grad on CPU; the fused op has no autograd formula of its
+        own, so a double backward (create_graph) and other devices take the two differentiable ops."""
         y_RH, row_of_Tk, src_slot_R, weights_Tk = ctx.saved_tensors
+        both = ctx.needs_input_grad[0] and weights_Tk is not None and ctx.needs_input_grad[3]
+        if (both and fused_combine_backward and grad_TH.device.type == "cpu"
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (grad_TH, y_RH, weights_Tk)))):
+            grad_y, grad_w = ops.combine_rows_backward(grad_TH, y_RH, row_of_Tk, src_slot_R, weights_Tk)
+            return grad_y, None, None, grad_w
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y = ops.gather_rows(grad_TH, src_slot_R, row_of_Tk, weights_Tk)

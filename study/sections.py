@@ -30,6 +30,15 @@ def _fmt(v: list, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _table(*columns: str) -> list[str]:
+    """A markdown table's header and rule."""
+    return [_row(*columns), "|" + "---|" * len(columns)]
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def separation_section(spec: StudySpec, out: Path, plots: Path) -> list[str]:
     path = out / "separation.json"
     if not path.is_file():
@@ -49,9 +58,8 @@ def separation_section(spec: StudySpec, out: Path, plots: Path) -> list[str]:
           f"smallest router reaching routing accuracy {sep.target_accuracy:g} (or eval cross-entropy "
           f"≤ {sep.target_loss:g} nats), mean ± std over the seeds that reach it. Definitions: `study/separation.py`; "
           f"{saved.get('seconds', 0):.0f} s on this machine.", "",
-          "| offset s | arm | params needed (acc.) | params needed (loss) | best accuracy | accuracy at full rank "
-          "| loss at full rank | agreement with Bayes routing |",
-          "|---|---|---|---|---|---|---|---|"]
+          *_table("offset s", "arm", "params needed (acc.)", "params needed (loss)", "best accuracy",
+                  "accuracy at full rank", "loss at full rank", "agreement with Bayes routing")]
 
     def needed(n: dict) -> str:
         if not n["reached"]:
@@ -61,11 +69,11 @@ def separation_section(spec: StudySpec, out: Path, plots: Path) -> list[str]:
     for key, entry in summary.items():
         for arm, a in entry["arms"].items():
             fr = a["full_rank"]
-            md.append(f"| {key} | {arm} | {needed(a['needed']['accuracy'])} | {needed(a['needed']['loss'])} | "
-                      f"{_fmt(a['best_accuracy'])} | {_fmt(fr['accuracy'])} | {_fmt(fr['loss'])} | {_fmt(fr['agreement_bayes'])} |")
+            md.append(_row(key, arm, needed(a["needed"]["accuracy"]), needed(a["needed"]["loss"]), _fmt(a["best_accuracy"]),
+                           _fmt(fr["accuracy"]), _fmt(fr["loss"]), _fmt(fr["agreement_bayes"])))
         b = entry["bayes"]
-        md.append(f"| {key} | Bayes-optimal | | | | {_fmt(b['aware_accuracy'])} with m / {_fmt(b['agnostic_accuracy'])} without "
-                  f"| {_fmt(b['aware_loss'])} / {_fmt(b['agnostic_loss'])} | |")
+        md.append(_row(key, "Bayes-optimal", "", "", "", f"{_fmt(b['aware_accuracy'])} with m / {_fmt(b['agnostic_accuracy'])} without",
+                       f"{_fmt(b['aware_loss'])} / {_fmt(b['agnostic_loss'])}", ""))
     md += [""] + [f"- {line}" for line in verdict(sep, summary)] + [""]
     plot_separation(summary, sep.target_accuracy, plots / "separation.png")
     return md + ["![routing accuracy vs router parameters](plots/separation.png)", ""]
@@ -84,16 +92,15 @@ def compute_section(spec: StudySpec, arms: dict, names: list[str], plots: Path) 
           "routes per token and its share of all slots (mean over MoE layers); *token share* is its share of the tokens. "
           "Quality on the image side: *loss the image explains* (caption loss with other samples' images minus the "
           "caption loss) and R@1.", "",
-          f"| arm | top-k {im} / {tx} | slots/token {im} / {tx} | token share {im} | slot share {im} | "
-          f"MoE MFLOPs per {im} / {tx} token | mean MoE MFLOPs/token | caption loss | loss the image explains | R@1 |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          *_table("arm", f"top-k {im} / {tx}", f"slots/token {im} / {tx}", f"token share {im}", f"slot share {im}",
+                  f"MoE MFLOPs per {im} / {tx} token", "mean MoE MFLOPs/token", "caption loss", "loss the image explains", "R@1")]
     for a in shown:
         r = arms[a]
-        md.append(f"| {arm_label(spec, a)} | {r[f'top_k_{im}'][0]:.0f} / {r[f'top_k_{tx}'][0]:.0f} | "
-                  f"{r[f'slots_per_token_{im}'][0]:.2f} / {r[f'slots_per_token_{tx}'][0]:.2f} | {r[f'token_share_{im}'][0]:.2f} | "
-                  f"{_fmt(r[f'slot_share_{im}'])} | {r[f'moe_flops_{im}'][0] / 1e6:.3f} / {r[f'moe_flops_{tx}'][0] / 1e6:.3f} | "
-                  f"{r['moe_flops'][0] / 1e6:.3f} | {_fmt(r.get('caption_loss', [math.nan] * 2))} | "
-                  f"{_fmt(r.get('image_explained_loss', [math.nan] * 2))} | {_fmt(r.get('retrieval_r1', [math.nan] * 2))} |")
+        md.append(_row(arm_label(spec, a), f"{r[f'top_k_{im}'][0]:.0f} / {r[f'top_k_{tx}'][0]:.0f}",
+                       f"{r[f'slots_per_token_{im}'][0]:.2f} / {r[f'slots_per_token_{tx}'][0]:.2f}", f"{r[f'token_share_{im}'][0]:.2f}",
+                       _fmt(r[f"slot_share_{im}"]), f"{r[f'moe_flops_{im}'][0] / 1e6:.3f} / {r[f'moe_flops_{tx}'][0] / 1e6:.3f}",
+                       f"{r['moe_flops'][0] / 1e6:.3f}", *(_fmt(r.get(k, [math.nan] * 2)) for k in
+                                                           ("caption_loss", "image_explained_loss", "retrieval_r1"))))
     plot_frontier(spec, arms, shown, plots / "frontier.png")
     return md + ["", "![quality vs expert compute per token](plots/frontier.png)", ""]
 
@@ -124,7 +131,7 @@ def concepts_section(spec: StudySpec, out: Path, names: list[str], plots: Path, 
           f"words (text only). An expert *specialises to a concept* when u(e; c | m) ≥ {SPECIALIST_U} and exceeds u(e; m) "
           "(`study/concepts.py`). Table: per run the largest value over experts and concepts, mean over MoE layers, then "
           "mean ± std over seeds.", "",
-          "| arm | max u(e; c) | max u(e; c \\| m) | max u(e; m) | specialists per run |", "|---|---|---|---|---|"]
+          *_table("arm", "max u(e; c)", "max u(e; c \\| m)", "max u(e; m)", "specialists per run")]
     listed = []
     for a, by_seed in found.items():
         stats = {k: [] for k in ("u", "cu", "um", "n")}
@@ -135,7 +142,7 @@ def concepts_section(spec: StudySpec, out: Path, names: list[str], plots: Path, 
             stats["n"].append(sum(len(lay["specialists"]) for lay in c["layers"]))
             listed += [(a, seed, lay["layer"], *sp) for lay in c["layers"] for sp in lay["specialists"]]
         ms = {k: [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0] for k, v in stats.items()}
-        md.append(f"| {arm_label(spec, a)} | {_fmt(ms['u'])} | {_fmt(ms['cu'])} | {_fmt(ms['um'])} | {_fmt(ms['n'], 1)} |")
+        md.append(_row(arm_label(spec, a), _fmt(ms["u"]), _fmt(ms["cu"]), _fmt(ms["um"]), _fmt(ms["n"], 1)))
     md.append("")
     if listed:
         listed.sort(key=lambda t: -t[5])
@@ -143,10 +150,9 @@ def concepts_section(spec: StudySpec, out: Path, names: list[str], plots: Path, 
         md += [f"Experts that specialise to a concept ({len(listed)} over all runs and layers"
                + (f"; the {max_listed} strongest listed" if len(listed) > max_listed else "")
                + f"); the last column splits u's numerator: p(m)·I(r_e; c | m) on {im} and on {tx} tokens:", "",
-               f"| arm | seed | layer | expert | concept | u(e; c \\| m) | u(e; m) | in {im} / {tx} tokens (bits) |",
-               "|---|---|---|---|---|---|---|---|"]
-        md += [f"| {arm_label(spec, a)} | {s} | {lay} | {e} | {c} | {cu:.3f} | {um:.3f} | "
-               + " / ".join(f"{x:.3f}" for x in parts[:2]) + " |" for a, s, lay, e, c, cu, um, *parts in rows[:max_listed]]
+               *_table("arm", "seed", "layer", "expert", "concept", "u(e; c \\| m)", "u(e; m)", f"in {im} / {tx} tokens (bits)")]
+        md += [_row(arm_label(spec, a), s, lay, e, c, f"{cu:.3f}", f"{um:.3f}", " / ".join(f"{x:.3f}" for x in parts[:2]))
+               for a, s, lay, e, c, cu, um, *parts in rows[:max_listed]]
         counts: dict[str, int] = {}
         for t in listed:
             counts[t[4]] = counts.get(t[4], 0) + 1

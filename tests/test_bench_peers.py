@@ -19,6 +19,26 @@ _spec.loader.exec_module(bp)
 S = bp.Shape(T=64, H=32, F=64, E=4, k=2)
 
 
+@pytest.fixture(autouse=True)
+def _own_process_group():
+    """DeepSpeed-MoE needs a default process group: the benchmark makes a one-rank one, which this
+    test tears down again (with the launcher variables it set) so later tests start without one."""
+    import os
+
+    import torch.distributed as dist
+
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: os.environ.get(k) for k in keys}
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)

@@ -11,7 +11,7 @@ from modalmoe.study import StudyRunner, load_study
 from modalmoe.study.compute import moe_flops_per_token
 from modalmoe.study.concepts import CONCEPTS, probe_concepts
 from modalmoe.train.job_config import load_job_config
-from test_study_runner import TINY_STUDY
+from study_utils import TINY_STUDY, run_tiny_study
 
 STUDY = copy.deepcopy(TINY_STUDY)
 STUDY.update({
@@ -34,13 +34,7 @@ STUDY.update({
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
-    out = root / "out"
-    lines: list[str] = []
-    report = StudyRunner(load_study(path), out, log=lines.append).run()
-    return path, out, report, lines
+    return run_tiny_study(tmp_path_factory.mktemp("study"), STUDY)
 
 
 def test_report_has_the_new_sections_and_plots(study):
