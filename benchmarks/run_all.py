@@ -9,7 +9,7 @@ process's CPU time as the clock (on a loaded shared host the wall-clock ratios a
 adds the EP step benchmark (minutes: torchrun processes); ``--show`` echoes the scripts' own output.
 The host is shared: rerun before trusting a single figure.
 
-    python benchmarks/run_all.py [--quick] [--cpu-time] [--ep] [--show]
+    python benchmarks/run_all.py [--quick] [--cpu-time] [--ep] [--show] [--markdown]
 """
 
 from __future__ import annotations
@@ -93,29 +93,47 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true", help="1 thread, CPU time as the clock (fp32 layer, permute)")
     ap.add_argument("--ep", action="store_true", help="also the EP step benchmark (slow)")
     ap.add_argument("--show", action="store_true", help="echo each script's output")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown (the README's is pasted from it)")
     a = ap.parse_args()
     q = a.quick
     size = ["--tokens", "4096", "--repeats", "3"] if q else ["--repeats", "9"]
     clock = ["--threads", "1", "--cpu-time"] if a.cpu_time else []
     tag = ", 1 thread, CPU time" if a.cpu_time else ""
-    rows = []
-    rows += moe_rows(_run("bench_moe.py", size + clock + ["--no-deepspeed"] * q, a.show), "trainer's allocator setting" + tag)
-    rows += moe_rows(_run("bench_moe.py", size + clock + ["--fresh-pages", "--fresh-grads", "--no-deepspeed"], a.show),
-                     "glibc defaults (a user's own loop)" + tag)
-    rows += bf16_rows(_run("bench_moe_bf16.py", size, a.show))
-    rows += permute_rows(_run("bench_permute.py", clock + ["--no-reference", "--repeats", "20" if q else "100"], a.show))
-    rows += loader_rows(_run("bench_loader.py", ["--samples", "128" if q else "512", "--rounds", "2" if q else "5"],
-                             a.show))
+    rows: list[tuple[str, str, str, str]] = []
+    empty: list[str] = []
+
+    def add(script: str, parsed: list) -> None:
+        rows.extend(parsed)
+        if not parsed:  # a failed script or a changed output line: said, never a silently shorter table
+            empty.append(script)
+
+    add("bench_moe.py", moe_rows(_run("bench_moe.py", size + clock + ["--no-deepspeed"] * q, a.show),
+                                 "trainer's allocator setting" + tag))
+    add("bench_moe.py --fresh-pages", moe_rows(_run("bench_moe.py", size + clock + ["--fresh-pages", "--fresh-grads",
+                                                                                   "--no-deepspeed"], a.show),
+                                               "glibc defaults (a user's own loop)" + tag))
+    add("bench_moe_bf16.py", bf16_rows(_run("bench_moe_bf16.py", size, a.show)))
+    add("bench_permute.py", permute_rows(_run("bench_permute.py", clock + ["--no-reference", "--repeats", "20" if q else "100"],
+                                              a.show)))
+    add("bench_loader.py", loader_rows(_run("bench_loader.py", ["--samples", "128" if q else "512", "--rounds",
+                                                                "2" if q else "5"], a.show)))
     if a.ep:
-        rows += ep_rows(_run("bench_ep_step.py", ["--repeats", "1" if q else "3"], a.show))
+        add("bench_ep_step.py", ep_rows(_run("bench_ep_step.py", ["--repeats", "1" if q else "3"], a.show)))
     print(f"\nhost shared with other jobs: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
           f"{'; --quick sizes' if q else ''}")
-    widths = [max(len(r[i]) for r in rows + [("benchmark", "setting", "contender", "ratio")]) for i in range(4)]
     header = ("benchmark", "setting", "contender", "ratio")
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if a.markdown:
+        print("| " + " | ".join(header) + " |\n|---|---|---|---|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+        print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+        print("-+-".join("-" * w for w in widths))
+        for r in rows:
+            print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if empty:
+        sys.exit(f"no ratio parsed from: {', '.join(empty)} (the script failed or its output changed; see above)")
 
 
 if __name__ == "__main__":
