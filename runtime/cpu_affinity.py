@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 __all__ = ["bind_local_rank", "idle_io_threads", "worker_init_fn"]
 
@@ -66,17 +67,39 @@ def bind_local_rank(local_rank: int, local_ranks: int, threads: int) -> list[int
     return mine
 
 
-def idle_io_threads(name: str = IO_THREAD_NAME) -> int:
-    """Put this process's threads called ``name`` under SCHED_IDLE; returns how many. Lowering a
-    thread's policy needs no privilege; raising it back would, and is never needed."""
-    if not hasattr(os, "sched_setscheduler") or not hasattr(os, "SCHED_IDLE"):
-        return 0
-    n = 0
+def _named(name: str) -> list[int]:
+    tids = []
     for tid in _threads():
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() != name:
-                    continue
+                if f.read().strip() == name:
+                    tids.append(tid)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return tids
+
+
+def idle_io_threads(name: str = IO_THREAD_NAME, wait_s: float = 0.0) -> int:
+    """Put this process's threads called ``name`` under SCHED_IDLE; returns how many. Lowering a
+    thread's policy needs no privilege; raising it back would, and is never needed.
+
+    A new gloo group's event-loop thread names itself only once it first runs (on a loaded host,
+    some time after ``init_process_group`` returned): ``wait_s`` > 0 waits up to that long for at
+    least one such thread and for their count to hold still for 50 ms."""
+    if not hasattr(os, "sched_setscheduler") or not hasattr(os, "SCHED_IDLE"):
+        return 0
+    deadline = time.monotonic() + wait_s
+    tids = _named(name)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _named(name)
+        settled = bool(now) and len(now) == len(tids)
+        tids = now
+        if settled:
+            break
+    n = 0
+    for tid in tids:
+        try:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             n += 1
         except OSError:  # a thread that ended meanwhile

@@ -118,7 +118,7 @@ def _idle_in_child(out) -> None:
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
     before = _policies()
-    n = idle_io_threads()
+    n = idle_io_threads(wait_s=10.0)  # the loop thread names itself once it runs: late on a loaded host
     out.put((before, n, _policies()))
     dist.destroy_process_group()
 

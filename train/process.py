@@ -114,7 +114,8 @@ class JobProcess:
         """Once every process group exists (ours, DeepSpeed's): gloo's I/O threads of a bound rank
         go under SCHED_IDLE (``runtime.cpu_affinity``)."""
         if self.bound is not None:
-            n_idle = idle_io_threads()
+            gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+            n_idle = idle_io_threads(wait_s=2.0 if gloo else 0.0)
             log.debug("rank %d: bound to cores %s; %d gloo I/O threads under SCHED_IDLE", self.rank, self.bound, n_idle)
 
     @contextmanager
