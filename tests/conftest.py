@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from dist_utils import LAUNCH_ENV, restore_launch_env
 from modalmoe.runtime.data import make_demo
 from required_imports import importorskip
 
 # a required dependency that does not import fails under CI=true instead of skipping
 pytest.importorskip = importorskip
-
-_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -21,17 +20,12 @@ def _no_leaked_process_group():
     """A test that leaves a default process group (or launcher variables) behind makes later
     in-process tests see a job that is not theirs: tear it down and fail the test that leaked it."""
     before = dist.is_available() and dist.is_initialized()
-    env = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     yield
     leaked = not before and dist.is_available() and dist.is_initialized()
     if leaked:
         dist.destroy_process_group()
-    changed = [k for k, v in env.items() if os.environ.get(k) != v]
-    for k in changed:
-        if env[k] is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = env[k]
+    changed = restore_launch_env(env)
     assert not leaked, "the test left a default process group initialised: destroy it (or run the job in a subprocess)"
     assert not changed, f"the test left launcher variables changed in os.environ: {changed} (use monkeypatch.setenv)"
 

@@ -23,11 +23,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "DistributedTestError", "free_port"]
+__all__ = ["run_distributed", "DistributedTestError", "free_port", "LAUNCH_ENV", "restore_launch_env"]
+
+# what launchers (and DeepSpeed's init) set in os.environ for a process of a job
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 class DistributedTestError(RuntimeError):
     """A rank failed, died or timed out; the message carries the rank's traceback."""
+
+
+def restore_launch_env(saved: dict[str, str | None]) -> list[str]:
+    """Put the launcher variables back as ``saved`` (``{k: os.environ.get(k) for k in LAUNCH_ENV}``
+    taken earlier); returns the names that had changed."""
+    changed = [k for k, v in saved.items() if os.environ.get(k) != v]
+    for k in changed:
+        if saved[k] is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = saved[k]
+    return changed
 
 
 def free_port() -> int:

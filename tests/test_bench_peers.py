@@ -26,17 +26,13 @@ def _own_process_group():
     import os
 
     import torch.distributed as dist
+    from dist_utils import LAUNCH_ENV, restore_launch_env
 
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: os.environ.get(k) for k in keys}
+    env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_launch_env(env)
 
 
 def _importable(name: str) -> bool:
